@@ -1,0 +1,246 @@
+"""The backup road: plan -> dump stream -> compress -> encrypt -> temp file -> verify -> record ->
+rename, then retention. Also re-verification of stored files, used by verify and restore."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from lib import compress, crypto, store
+from lib.config import DatabaseSpec, Spec
+from lib.engines import get_engine
+from lib.errors import InputError, VerificationFailed
+from lib.exec import Place, require_binary
+from lib.stream import FileSink, Stage, TailSink, run_pipeline, sha256_file
+
+TOOL = "lemon-backup"
+log = logging.getLogger("backup")
+
+
+@dataclass
+class Plan:
+    """What one backup of one database will do (printed by --dry-run)."""
+
+    db: DatabaseSpec
+    tier: str
+    path: Path
+    stages: list[str]
+
+    def describe(self) -> str:
+        return f"{self.db.name}: {self.tier} backup -> {self.path} via {' | '.join(self.stages)}"
+
+
+def stored_suffix(spec: Spec, db: DatabaseSpec) -> str:
+    engine = get_engine(db.engine)
+    kind = engine.compression(db)
+    return engine.suffix(db) + (compress.SUFFIX[kind] if kind else "") + crypto.suffix(spec)
+
+
+def plan(spec: Spec, db: DatabaseSpec, tier: str | None = None, now: datetime | None = None) -> Plan:
+    """Decide tier and file name for a backup of ``db`` at ``now`` (local time)."""
+    now = (now or datetime.now()).astimezone()
+    tier = tier or store.tier_for(now, spec.weekly_on, spec.monthly_on)
+    directory = store.tier_dir(spec.backup_dir, db.name, tier)
+    path = directory / store.backup_filename(now, stored_suffix(spec, db))
+    while path.exists():  # two runs in one second: take the next free second
+        now += timedelta(seconds=1)
+        path = directory / store.backup_filename(now, stored_suffix(spec, db))
+    engine = get_engine(db.engine)
+    names = [s.name for s in engine.dump_stages(db, Place(container=db.container))]
+    kind = engine.compression(db)
+    if kind:
+        names.append(compress.compressor(kind).name)
+    names += [s.name for s in crypto.encrypt_stages(spec)] if crypto.mode(spec) != "none" else []
+    return Plan(db=db, tier=tier, path=path, stages=names)
+
+
+def decode_stages(spec: Spec, path: Path, record: dict[str, Any] | None) -> list[Stage]:
+    """Stages turning a stored file into the engine's raw dump: decrypt, then decompress."""
+    stages = crypto.decrypt_stages(spec, path) if path.name.endswith(".gpg") else []
+    kind = (record or {}).get("compression") or compress.kind_from_name(path.name)
+    if kind:
+        stages.append(compress.decompressor(kind))
+    return stages
+
+
+def check_stream(
+    spec: Spec, db: DatabaseSpec, path: Path, record: dict[str, Any] | None, place: Place | None
+) -> tuple[list[str], dict[str, Any]]:
+    """Read the stored file back through decode + engine inspection. Returns (checks, engine_meta).
+    Raises VerificationFailed (with the failing stage) when anything is wrong."""
+    engine = get_engine(db.engine)
+    decode = decode_stages(spec, path, record)
+    stages = decode + engine.inspect_stages(db, place)
+    result = run_pipeline(stages, TailSink(256 * 1024), source=path)
+    cause = result.cause()
+    if cause is not None:
+        raise VerificationFailed(
+            f"{path.name} failed verification: {cause.name} exited with status {cause.returncode}: "
+            f"{cause.stderr or 'no message'}"
+        )
+    try:
+        meta = engine.check_summary(db, result.tail)
+    except VerificationFailed as exc:
+        raise VerificationFailed(f"{path.name} failed verification: {exc}") from None
+    kind = (record or {}).get("compression") or compress.kind_from_name(path.name)
+    checks = ["gpg-decrypt"] if path.name.endswith(".gpg") and crypto.mode(spec) == "symmetric" else []
+    checks += ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
+    return checks, meta
+
+
+def verify_file(
+    spec: Spec, db: DatabaseSpec, path: Path, record: dict[str, Any] | None, place: Place | None = None
+) -> list[str]:
+    """Full verification of a stored file: sha256 against its sidecar (hashed in parallel with the
+    stream check) and the stream check. Returns the checks done. Raises VerificationFailed."""
+    sidecar = store.sha256_path(path)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        digest = pool.submit(sha256_file, path) if sidecar.exists() else None
+        try:
+            checks, _ = check_stream(spec, db, path, record, place)
+        finally:
+            actual = digest.result() if digest else None
+    checks = list(checks)
+    if sidecar.exists():
+        expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+        if actual != expected:
+            raise VerificationFailed(
+                f"{path.name}: sha256 does not match {sidecar.name}; the file was changed or damaged"
+            )
+        checks.insert(0, "sha256")
+    if record and record.get("size") is not None and path.stat().st_size != record["size"]:
+        raise VerificationFailed(f"{path.name}: size {path.stat().st_size} differs from the recorded {record['size']}")
+    return checks
+
+
+def run_backup(
+    spec: Spec,
+    db: DatabaseSpec,
+    tier: str | None = None,
+    now: datetime | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> store.Backup:
+    """Make one verified backup of ``db``. Nothing appears under a final name unless every stage
+    succeeded and the written file verified. Raises a ToolError on failure (temp file removed)."""
+    engine = get_engine(db.engine)
+    place = engine.place(db, spec.env)
+    engine.preflight(db, place)
+    crypto.preflight(spec)
+    kind = engine.compression(db)
+    if kind:
+        require_binary(compress.compressor(kind).argv[0])
+    p = plan(spec, db, tier, now)
+    directory = store.ensure_dir(p.path.parent)
+    for leftover in store.clean_temp(directory):
+        log.warning("removed leftover of an interrupted run: %s", leftover.name)
+    tmp = directory / f"{store.TEMP_PREFIX}{p.path.name}"
+    stages = engine.dump_stages(db, place)
+    if kind:
+        stages.append(compress.compressor(kind, db.options.get("compression_level")))
+    stages += crypto.encrypt_stages(spec)
+    created = store.utcnow()
+    log.info("%s: %s backup started (%s)", db.name, p.tier, " | ".join(s.name for s in stages))
+    started = time.monotonic()
+    try:
+        result = run_pipeline(stages, FileSink(tmp), progress=progress)
+        result.raise_for_status()
+        if result.size == 0:
+            raise VerificationFailed(f"{db.name}: the dump produced no bytes")
+        dumped = time.monotonic()
+        checks, meta = check_stream(spec, db, tmp, {"compression": kind}, place)
+        record = {
+            "format": store.RECORD_FORMAT,
+            "tool": TOOL,
+            "name": db.name,
+            "engine": db.engine,
+            "database": db.database,
+            "dump_format": db.options.get("format", "native") if db.engine == "postgres" else "native",
+            "tier": p.tier,
+            "created": store.iso(created),
+            "file": p.path.name,
+            "size": result.size,
+            "sha256": result.sha256,
+            "compression": kind,
+            "encryption": crypto.record(spec),
+            "verified": {"ok": True, "at": store.iso(store.utcnow()), "checks": ["sha256"] + checks},
+            "engine_meta": meta,
+            "seconds": {"dump": round(dumped - started, 3), "verify": round(time.monotonic() - dumped, 3)},
+            "destinations": {},
+        }
+        backup = store.Backup(p.path, record)
+        store.write_atomic(backup.sha256_path, store.sha256_line(result.sha256, p.path.name).encode())
+        backup.save()
+        tmp.rename(p.path)
+        store.fsync_dir(directory)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info(
+        "%s: verified backup %s (%s, %s tables, %.1fs)",
+        db.name,
+        p.path,
+        store.human_size(result.size),
+        len(meta.get("tables", {})),
+        time.monotonic() - started,
+    )
+    return backup
+
+
+def prune(spec: Spec, db: DatabaseSpec, dry_run: bool = False, now: datetime | None = None) -> list[store.Backup]:
+    """Apply retention to ``db``'s local backups. Returns what was (or would be) deleted."""
+    now = now or store.utcnow()
+    doomed = store.plan_retention(store.list_backups(spec.backup_dir, db.name), dict(db.retention), now)
+    for backup in doomed:
+        age = store.human_age(now - backup.created)
+        if dry_run:
+            log.info("%s: would delete %s/%s (%s old)", db.name, backup.tier, backup.path.name, age)
+        else:
+            store.delete(backup)
+            log.info(
+                "%s: deleted %s/%s (%s old, keep_days %s)",
+                db.name,
+                backup.tier,
+                backup.path.name,
+                age,
+                db.retention[backup.tier],
+            )
+    return doomed
+
+
+def find_file(spec: Spec, db: DatabaseSpec, file_arg: str) -> Path:
+    """Resolve --file: 'latest' (newest verified backup of db) or an existing readable path.
+    Raises InputError."""
+    if file_arg == "latest":
+        latest = store.latest_verified(store.list_backups(spec.backup_dir, db.name))
+        if latest is None:
+            raise InputError(
+                f"no verified backup of '{db.name}' under {spec.backup_dir / db.name}; run invoke backup --db {db.name} first or pass --file PATH"
+            )
+        return latest.path
+    path = Path(file_arg).expanduser()
+    if not path.is_file():
+        raise InputError(f"--file {file_arg}: no such file; pass an existing backup file or 'latest'")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"--file {file_arg}: cannot read it ({exc.strerror}); fix its permissions") from None
+    return path.resolve()
+
+
+def engine_of_file(path: Path, record: dict[str, Any] | None) -> str | None:
+    """Engine a backup file belongs to: from its record, else guessed from its name."""
+    if record and record.get("engine"):
+        return record["engine"]
+    name = path.name[:-4] if path.name.endswith(".gpg") else path.name
+    if ".sql" in name or name.endswith(".dump"):
+        return "postgres"
+    if ".archive" in name:
+        return "mongodb"
+    return None

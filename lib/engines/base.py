@@ -1,0 +1,84 @@
+"""The small interface every engine implements. Compression, encryption and file placement are
+not the engine's business: it produces a dump stream, says how to inspect one, and restores one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib.config import DatabaseSpec
+from lib.exec import Place
+from lib.stream import Stage
+
+
+@dataclass
+class RestoreRequest:
+    """What an engine needs to restore one backup.
+
+    ``decode`` are the stages that turn the stored file (read from ``source``) into the engine's raw
+    dump stream (decryption and/or decompression); ``source_is_raw`` is True when there are none,
+    so the engine may read ``source`` itself (e.g. pg_restore --jobs needs a seekable file).
+    """
+
+    db: DatabaseSpec
+    place: Place
+    source: Path
+    decode: list[Stage]
+    record: Mapping[str, Any]
+    target: str
+    drop_previous: bool = False
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("backup"))
+
+    @property
+    def source_is_raw(self) -> bool:
+        return not self.decode
+
+
+class Engine:
+    """Base class. Subclasses set ``name`` and implement the methods below."""
+
+    name = ""
+    #: binaries this engine needs on the host in host mode
+    host_binaries: tuple[str, ...] = ()
+
+    def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
+        """Where this database's tools run, with the secrets they need (env var name -> value)."""
+        raise NotImplementedError
+
+    def preflight(self, db: DatabaseSpec, place: Place) -> None:
+        """Cheap checks before a dump: binaries, container running. Raises EnvironmentProblem."""
+        place.check(self.host_binaries)
+
+    def suffix(self, db: DatabaseSpec) -> str:
+        """File suffix of the raw dump (before the tool's compression), e.g. '.sql' or '.dump'."""
+        raise NotImplementedError
+
+    def compression(self, db: DatabaseSpec) -> str | None:
+        """Compression the tool applies to the dump stream ('gzip', 'zstd'), None when the dump
+        format compresses itself."""
+        raise NotImplementedError
+
+    def dump_stages(self, db: DatabaseSpec, place: Place) -> list[Stage]:
+        """Stages producing the raw dump on stdout."""
+        raise NotImplementedError
+
+    def inspect_stages(self, db: DatabaseSpec, place: Place | None) -> list[Stage]:
+        """Stages reading a raw dump on stdin and writing a short summary to stdout."""
+        raise NotImplementedError
+
+    def check_summary(self, db: DatabaseSpec, summary: bytes) -> dict[str, Any]:
+        """Judge the summary: raise VerificationFailed if the dump is incomplete; else return the
+        metadata to record (e.g. per-table row counts)."""
+        raise NotImplementedError
+
+    def verify_checks(self, db: DatabaseSpec) -> list[str]:
+        """Names of the checks ``check_summary`` performs, for records and listings."""
+        return ["dump-complete"]
+
+    def restore(self, request: RestoreRequest) -> dict[str, Any]:
+        """Restore safely (never leaving the target destroyed on failure). Returns a summary."""
+        raise NotImplementedError

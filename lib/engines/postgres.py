@@ -1,0 +1,284 @@
+"""PostgreSQL: pg_dump (plain SQL or custom format), verification by reading the whole dump back
+(end marker, every COPY block closed, rows counted per table), and a restore that never leaves
+the target destroyed: restore into a new database, check it, then swap names in one transaction.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from lib.config import DatabaseSpec
+from lib.engines import register
+from lib.engines.base import Engine, RestoreRequest
+from lib.errors import RunFailed, StageFailed, VerificationFailed
+from lib.exec import Place, require_binary
+from lib.store import utcnow
+from lib.stream import Stage, TailSink, run_pipeline
+
+END_MARKER = "-- PostgreSQL database dump complete"
+
+# Reads a plain SQL dump on stdin; prints the server version, one "T<tab>table<tab>rows" line
+# per COPY block, and a closing line saying whether the dump ended properly. COPY text format
+# escapes newlines, so one line is one row.
+INSPECT_AWK = r"""
+BEGIN { incopy = 0; complete = 0 }
+incopy { if ($0 == "\\.") { print "T\t" tbl "\t" n; incopy = 0 } else n++; next }
+/^COPY .* FROM stdin;$/ {
+  tbl = $0; sub(/^COPY /, "", tbl); sub(/ \(.*\) FROM stdin;$/, "", tbl); sub(/ FROM stdin;$/, "", tbl)
+  n = 0; incopy = 1; complete = 0; next
+}
+/^-- Dumped from database version / { v = $0; sub(/^-- Dumped from database version /, "", v); print "V\t" v }
+$0 == "-- PostgreSQL database dump complete" { complete = 1; next }
+complete && ($0 == "" || $0 == "--" || $0 ~ /^\\unrestrict /) { next }
+{ complete = 0 }
+END { if (incopy) print "OPEN\t" tbl; else print "END\t" complete }
+"""
+
+
+def quote_ident(name: str) -> str:
+    """SQL identifier quoting."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@register
+class Postgres(Engine):
+    name = "postgres"
+    host_binaries = ("pg_dump", "psql")
+
+    # -- where and how to connect -------------------------------------------------------------
+    def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
+        password = db.password(env)
+        secrets = {"PGPASSWORD": password} if password else {}
+        return Place(container=db.container, secrets=secrets)
+
+    def conn_args(self, db: DatabaseSpec, dbname: str) -> list[str]:
+        """Connection flags (never a password) for dbname."""
+        args = []
+        if db.host and not db.container:
+            args += ["-h", db.host]
+        if db.port:
+            args += ["-p", str(db.port)]
+        if db.user:
+            args += ["-U", db.user]
+        args.append(f"--dbname={dbname}")
+        return args
+
+    def psql(self, db: DatabaseSpec, place: Place, dbname: str, sql: str, stage: str = "psql") -> str:
+        """Run one SQL script (stdin, stops at the first error) and return unaligned tuples-only output."""
+        command = ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", *self.conn_args(db, dbname)]
+        return place.run(command, stage, input=sql.encode()).decode()
+
+    # -- backup ------------------------------------------------------------------------------
+    def fmt(self, db: DatabaseSpec) -> str:
+        return db.options.get("format", "plain")
+
+    def suffix(self, db: DatabaseSpec) -> str:
+        return ".dump" if self.fmt(db) == "custom" else ".sql"
+
+    def compression(self, db: DatabaseSpec) -> str | None:
+        return None if self.fmt(db) == "custom" else db.options.get("compression", "gzip")
+
+    def preflight(self, db: DatabaseSpec, place: Place) -> None:
+        place.check(self.host_binaries)
+        require_binary("awk")  # verification always runs on this host
+
+    def dump_stages(self, db: DatabaseSpec, place: Place) -> list[Stage]:
+        command = ["pg_dump", "--no-owner", "--no-acl"]
+        if self.fmt(db) == "custom":
+            command += ["-Fc"]
+            if db.options.get("compression_level"):
+                command += [f"-Z{min(db.options['compression_level'], 9)}"]
+        command += list(db.options.get("dump_args", [])) + self.conn_args(db, db.database)
+        return [Stage("pg_dump", place.argv(command), env=place.env())]
+
+    # -- verification ------------------------------------------------------------------------
+    def inspect_stages(self, db: DatabaseSpec, place: Place | None) -> list[Stage]:
+        stages = []
+        if self.fmt(db) == "custom":
+            # Prefer the host's pg_restore; else the one next to the server.
+            if shutil.which("pg_restore") or place is None or not place.container:
+                stages.append(Stage("pg_restore (read back)", ["pg_restore", "-f", "-"]))
+            else:
+                stages.append(Stage("pg_restore (read back)", place.argv(["pg_restore", "-f", "-"]), env=place.env()))
+        stages.append(Stage("dump check (awk)", ["awk", INSPECT_AWK]))
+        return stages
+
+    def verify_checks(self, db: DatabaseSpec) -> list[str]:
+        checks = ["dump-complete", "copy-blocks-closed", "row-counts"]
+        return (["pg_restore-readable"] + checks) if self.fmt(db) == "custom" else checks
+
+    def check_summary(self, db: DatabaseSpec, summary: bytes) -> dict[str, Any]:
+        tables: dict[str, int] = {}
+        version = None
+        end = None
+        for line in summary.decode("utf-8", "replace").splitlines():
+            kind, _, rest = line.partition("\t")
+            if kind == "T":
+                table, _, rows = rest.rpartition("\t")
+                tables[table] = tables.get(table, 0) + int(rows)
+            elif kind == "V":
+                version = rest
+            elif kind == "OPEN":
+                raise VerificationFailed(f"dump is truncated: the data of table {rest} never ends")
+            elif kind == "END":
+                end = rest
+        if end is None:
+            raise VerificationFailed("dump check produced no result; the dump stream was empty")
+        if end != "1":
+            raise VerificationFailed(f"dump is incomplete: the '{END_MARKER}' marker is missing at its end")
+        return {"tables": tables, "server_version": version}
+
+    # -- restore -----------------------------------------------------------------------------
+    def restore(self, request: RestoreRequest) -> dict[str, Any]:
+        db, place, log = request.db, request.place, request.log
+        maint = db.options.get("maintenance_database", "postgres")
+        stamp = utcnow().strftime("%Y%m%d_%H%M%S")
+        target = request.target
+        temp = f"{target}_restoring_{stamp}"[:63]
+        previous = f"{target}_pre_restore_{stamp}"[:63]
+        exists = (
+            self.psql(
+                db,
+                place,
+                maint,
+                f"SELECT 1 FROM pg_database WHERE datname = {quote_literal(target)};",
+                "psql (look up target)",
+            ).strip()
+            == "1"
+        )
+        template = ""
+        if exists:
+            row = self.psql(
+                db,
+                place,
+                maint,
+                "SELECT pg_encoding_to_char(encoding) || '|' || datcollate || '|' || datctype "
+                f"FROM pg_database WHERE datname = {quote_literal(target)};",
+                "psql (read target settings)",
+            ).strip()
+            encoding, collate, ctype = row.split("|")
+            template = f" ENCODING {quote_literal(encoding)} LC_COLLATE {quote_literal(collate)} LC_CTYPE {quote_literal(ctype)}"
+        log.info("restoring into temporary database %s", temp)
+        self.psql(
+            db,
+            place,
+            maint,
+            f"CREATE DATABASE {quote_ident(temp)} TEMPLATE template0{template};",
+            "psql (create database)",
+        )
+        started = time.monotonic()
+        try:
+            self._load(request, temp)
+            counts = self._check_restored(request, temp)
+        except BaseException:
+            log.error("restore failed; dropping temporary database %s, %s is untouched", temp, target)
+            self._drop(db, place, maint, temp)
+            raise
+        seconds = time.monotonic() - started
+        if exists:
+            self._swap(db, place, maint, target, temp, previous, log)
+            if request.drop_previous:
+                self._drop(db, place, maint, previous)
+                log.info("dropped previous database %s (--drop-previous)", previous)
+            else:
+                log.info("previous database kept as %s (drop it when satisfied, or use --drop-previous)", previous)
+        else:
+            self.psql(
+                db,
+                place,
+                maint,
+                f"ALTER DATABASE {quote_ident(temp)} RENAME TO {quote_ident(target)};",
+                "psql (rename)",
+            )
+        return {
+            "target": target,
+            "previous": previous if exists and not request.drop_previous else None,
+            "tables": len(counts),
+            "rows": sum(counts.values()),
+            "seconds": round(seconds, 3),
+        }
+
+    def _load(self, request: RestoreRequest, temp: str) -> None:
+        db, place = request.db, request.place
+        conn = self.conn_args(db, temp)
+        if self.fmt(db) == "custom":
+            jobs = int(db.options.get("restore_jobs", 2))
+            base = ["pg_restore", "--exit-on-error", "--no-owner", "--no-acl", *conn]
+            if request.source_is_raw and not place.container and jobs > 1:
+                stages = [Stage("pg_restore", [*base, f"--jobs={jobs}", str(request.source)], env=place.env())]
+                result = run_pipeline(stages, TailSink(4096))
+            else:
+                stages = [*request.decode, Stage("pg_restore", place.argv(base), env=place.env())]
+                result = run_pipeline(stages, TailSink(4096), source=request.source)
+        else:
+            command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-o", "/dev/null", *conn]
+            stages = [*request.decode, Stage("psql (load)", place.argv(command), env=place.env())]
+            result = run_pipeline(stages, TailSink(4096), source=request.source)
+        result.raise_for_status()
+
+    def _check_restored(self, request: RestoreRequest, temp: str) -> dict[str, int]:
+        """ANALYZE, then compare per-table row counts with those recorded at backup time."""
+        db, place = request.db, request.place
+        self.psql(db, place, temp, "ANALYZE;", "psql (analyze)")
+        expected: dict[str, int] = dict(request.record.get("engine_meta", {}).get("tables", {}))
+        if not expected:
+            return {}
+        parts = [f"SELECT {quote_literal(t)}, count(*) FROM {t}" for t in sorted(expected)]
+        try:
+            out = self.psql(db, place, temp, "\nUNION ALL\n".join(parts) + ";", "psql (count rows)")
+        except StageFailed as exc:
+            raise RunFailed(f"restored database lacks tables the backup recorded: {exc.detail}") from None
+        found = {}
+        for line in out.splitlines():
+            table, _, rows = line.rpartition("|")
+            found[table] = int(rows)
+        wrong = [f"{t}: {found.get(t)} rows, expected {n}" for t, n in expected.items() if found.get(t) != n]
+        if wrong:
+            raise RunFailed("restored row counts differ from the backup's record: " + "; ".join(wrong[:5]))
+        return found
+
+    def _swap(self, db: DatabaseSpec, place: Place, maint: str, target: str, temp: str, previous: str, log) -> None:
+        """Terminate sessions on target, then rename target->previous and temp->target atomically."""
+        t, p, n = quote_ident(target), quote_ident(previous), quote_ident(temp)
+        self.psql(db, place, maint, f"ALTER DATABASE {t} WITH ALLOW_CONNECTIONS false;", "psql (block connections)")
+        try:
+            for attempt in range(20):
+                self.psql(
+                    db,
+                    place,
+                    maint,
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    f"WHERE datname = {quote_literal(target)} AND pid <> pg_backend_pid();",
+                    "psql (terminate sessions)",
+                )
+                try:
+                    self.psql(
+                        db,
+                        place,
+                        maint,
+                        f"BEGIN; ALTER DATABASE {t} RENAME TO {p}; ALTER DATABASE {n} RENAME TO {t}; COMMIT;",
+                        "psql (swap databases)",
+                    )
+                    break
+                except StageFailed as exc:
+                    if "being accessed by other users" not in exc.detail or attempt == 19:
+                        raise
+                    time.sleep(0.25)
+        except BaseException:
+            self.psql(db, place, maint, f"ALTER DATABASE {t} WITH ALLOW_CONNECTIONS true;", "psql (unblock)")
+            self._drop(db, place, maint, temp)
+            raise
+        self.psql(db, place, maint, f"ALTER DATABASE {p} WITH ALLOW_CONNECTIONS true;", "psql (unblock previous)")
+
+    def _drop(self, db: DatabaseSpec, place: Place, maint: str, name: str) -> None:
+        try:
+            self.psql(db, place, maint, f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE);", "psql (drop)")
+        except StageFailed:
+            pass

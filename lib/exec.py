@@ -1,0 +1,130 @@
+"""Where commands run: on this host, or inside a Docker container via ``docker exec``.
+
+Commands are argument lists. Secrets travel only in the child's environment: in container mode
+``docker exec -e NAME`` (no value) copies NAME from the docker client's environment, so no
+secret ever appears in any argv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lib.errors import EnvironmentProblem, StageFailed
+
+# Which Debian package provides a binary, for "missing binary" messages.
+PACKAGES = {
+    "pg_dump": "postgresql-client",
+    "pg_restore": "postgresql-client",
+    "psql": "postgresql-client",
+    "gzip": "gzip",
+    "pigz": "pigz",
+    "zstd": "zstd",
+    "gpg": "gnupg",
+    "rsync": "rsync",
+    "ssh": "openssh-client",
+    "sha256sum": "coreutils",
+    "tail": "coreutils",
+    "awk": "mawk",
+    "docker": "docker.io (or docker-ce-cli)",
+    "mongodump": "mongodb-database-tools",
+    "mongorestore": "mongodb-database-tools",
+    "mongosh": "mongodb-mongosh",
+    "crontab": "cron",
+}
+
+
+def require_binary(name: str) -> str:
+    """Absolute path of ``name`` on PATH. Raises EnvironmentProblem naming the package to install."""
+    found = shutil.which(name)
+    if not found:
+        package = PACKAGES.get(name, name)
+        raise EnvironmentProblem(f"'{name}' is not installed or not on PATH; install the {package} package")
+    return found
+
+
+def tail_text(data: bytes, limit: int = 600) -> str:
+    """The last meaningful stderr line(s) of a process as one short line."""
+    text = data.decode("utf-8", "replace").strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " | ".join(lines[-3:])
+    return joined[-limit:]
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a database's tools run. ``container`` None means this host."""
+
+    container: str | None = None
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"container {self.container}" if self.container else "this host"
+
+    def argv(self, command: Sequence[str], interactive: bool = True) -> list[str]:
+        """The argv that runs ``command`` here. Secret names (never values) go to docker exec -e."""
+        if not self.container:
+            return list(command)
+        prefix = ["docker", "exec"]
+        if interactive:
+            prefix.append("-i")
+        for name in sorted(self.secrets):
+            prefix += ["-e", name]
+        return prefix + [self.container] + list(command)
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Environment for the child process: ours, plus secrets, plus ``extra``."""
+        env = dict(os.environ)
+        env.update(self.secrets)
+        if extra:
+            env.update(extra)
+        return env
+
+    def check(self, binaries: Sequence[str] = ()) -> None:
+        """Preflight: host binaries exist, or the container is running. Raises EnvironmentProblem."""
+        if not self.container:
+            for name in binaries:
+                require_binary(name)
+            return
+        docker = require_binary("docker")
+        try:
+            proc = subprocess.run(
+                [docker, "inspect", "--format", "{{.State.Running}}", self.container],
+                capture_output=True,
+                timeout=30,
+            )
+        except subprocess.TimeoutExpired:
+            raise EnvironmentProblem("docker inspect timed out; is the Docker daemon responsive?") from None
+        if proc.returncode != 0 or proc.stdout.strip() != b"true":
+            why = tail_text(proc.stderr) or "not running"
+            raise EnvironmentProblem(
+                f"container '{self.container}' is not running ({why}); start it (docker start "
+                f"{self.container}) or set the container name in backup.yml or its environment variable"
+            )
+
+    def run(
+        self, command: Sequence[str], stage: str, input: bytes | None = None, timeout: float | None = None
+    ) -> bytes:
+        """Run a short command here, return its stdout. Raises StageFailed with stderr on failure."""
+        argv = self.argv(command, interactive=input is not None)
+        try:
+            proc = subprocess.run(
+                argv,
+                input=input,
+                capture_output=True,
+                env=self.env(),
+                timeout=timeout,
+                stdin=None if input is not None else subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            require_binary(argv[0])
+            raise
+        except subprocess.TimeoutExpired:
+            raise StageFailed(stage, f"timed out after {timeout:.0f}s") from None
+        if proc.returncode != 0:
+            raise StageFailed(stage, f"exit status {proc.returncode}", tail_text(proc.stderr))
+        return proc.stdout

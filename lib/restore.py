@@ -1,0 +1,102 @@
+"""The restore road: locate -> verify (before anything is touched) -> confirm -> engine restore."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from lib import store
+from lib.backup import decode_stages, engine_of_file, find_file, verify_file
+from lib.config import DatabaseSpec, Spec
+from lib.engines import get_engine
+from lib.engines.base import RestoreRequest
+from lib.errors import InputError
+
+log = logging.getLogger("backup")
+
+
+def pick_database(spec: Spec, engine: str, name: str | None) -> DatabaseSpec:
+    """The configured database to restore: --db NAME, or the only one with this engine. Raises InputError."""
+    get_engine(engine)
+    if name:
+        db = spec.select([name])[0]
+        if db.engine != engine:
+            raise InputError(f"database '{name}' uses engine {db.engine}, not {engine}; fix --engine or --db")
+        return db
+    matches = [db for db in spec.databases.values() if db.engine == engine]
+    if not matches:
+        raise InputError(f"backup.yml has no {engine} database; add one or fix --engine")
+    if len(matches) > 1:
+        names = ", ".join(db.name for db in matches)
+        raise InputError(f"several {engine} databases are configured ({names}); pick one with --db NAME")
+    return matches[0]
+
+
+def restore(
+    spec: Spec,
+    engine: str,
+    file_arg: str,
+    db_name: str | None = None,
+    into: str | None = None,
+    drop_previous: bool = False,
+    confirm: Callable[[str], bool] | None = None,
+) -> dict[str, Any]:
+    """Restore ``file_arg`` ('latest' or a path) of the chosen database.
+
+    ``confirm(question)`` is asked after verification and before anything is touched; returning
+    False aborts with InputError. Raises InputError for bad input, RunFailed/VerificationFailed
+    when the restore or its checks fail (the target is then left as it was).
+    """
+    db = pick_database(spec, engine, db_name)
+    path = find_file(spec, db, file_arg)
+    backup = store.load(path)
+    record = backup.record if backup else None
+    file_engine = engine_of_file(path, record)
+    if file_engine is None:
+        raise InputError(
+            f"{path.name} is not a backup this tool recognises; pass a backup_*.sql.gz, .dump or .archive file"
+        )
+    if file_engine != engine:
+        raise InputError(f"{path.name} is a {file_engine} backup, not {engine}; fix --engine or --file")
+    engine_impl = get_engine(engine)
+    place = engine_impl.place(db, spec.env)
+    engine_impl.preflight(db, place)
+    log.info("%s: verifying %s before touching any database", db.name, path)
+    checks = verify_file(spec, db, path, record, place)
+    if not store.sha256_path(path).exists():
+        log.warning("%s has no .sha256 sidecar; verified its contents only", path.name)
+    log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
+    target = into or db.database
+    if confirm is not None and not confirm(
+        f"Restore {path.name} into database '{target}'"
+        + (
+            " (the current one is kept as a *_pre_restore_* copy)"
+            if not drop_previous
+            else " (the current one is DROPPED afterwards)"
+        )
+        + "?"
+    ):
+        raise InputError("restore cancelled; nothing was touched")
+    request = RestoreRequest(
+        db=db,
+        place=place,
+        source=path,
+        decode=decode_stages(spec, path, record),
+        record=record or {},
+        target=target,
+        drop_previous=drop_previous,
+        log=log,
+    )
+    summary = engine_impl.restore(request)
+    summary.update({"file": str(path), "checks": checks, "database": db.name})
+    log.info(
+        "%s: restored %s into %s (%s tables, %s rows, %.1fs)",
+        db.name,
+        path.name,
+        target,
+        summary.get("tables"),
+        summary.get("rows"),
+        summary.get("seconds", 0),
+    )
+    return summary

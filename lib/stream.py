@@ -1,0 +1,250 @@
+"""Chaining processes: source -> stage -> stage -> sink, with every stage's exit status checked.
+
+Bulk bytes flow between processes through OS pipes. Python touches them only at the sink, in
+large reads, to hash and write them (one pass, no second read for the checksum), or to keep
+a short tail. Stage stderr goes to unnamed temp files, so no pipe can fill up and deadlock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib.errors import StageFailed
+from lib.exec import require_binary, tail_text
+
+CHUNK = 1 << 20  # 1 MiB reads at the sink
+
+
+@dataclass
+class Stage:
+    """One process of a pipeline. ``env`` replaces the environment when given; ``pass_fds`` are inherited."""
+
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str] | None = None
+    pass_fds: tuple[int, ...] = ()
+    ok_codes: tuple[int, ...] = (0,)
+    # Called with the Popen right after start (e.g. to write a passphrase to a pipe).
+    on_start: Callable[[subprocess.Popen], None] | None = None
+
+
+@dataclass
+class StageResult:
+    name: str
+    returncode: int
+    stderr: str
+
+    @property
+    def sigpipe(self) -> bool:
+        return self.returncode == -signal.SIGPIPE
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline did: per-stage results, bytes at the sink, their sha256, the tail kept."""
+
+    stages: list[StageResult]
+    size: int = 0
+    sha256: str = ""
+    tail: bytes = b""
+    seconds: float = 0.0
+    ok_codes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def failures(self) -> list[StageResult]:
+        return [s for s in self.stages if s.returncode not in self.ok_codes.get(s.name, (0,))]
+
+    def cause(self) -> StageResult | None:
+        """The failure that broke the pipeline, or None.
+
+        A stage that died of a closed pipe (SIGPIPE, "Broken pipe") is a consequence of a stage
+        downstream; a stage fed truncated input fails after the real cause upstream. So: the
+        first failure that is not a broken pipe, else the most downstream failure.
+        """
+        failed = self.failures()
+        if not failed:
+            return None
+        primary = [f for f in failed if not (f.sigpipe or "broken pipe" in f.stderr.lower())]
+        return primary[0] if primary else failed[-1]
+
+    def raise_for_status(self, context: str = "") -> None:
+        """Raise StageFailed naming the stage that broke the pipeline (others listed after it)."""
+        cause = self.cause()
+        if cause is None:
+            return
+        why = f"exit status {cause.returncode}" if cause.returncode >= 0 else f"killed by signal {-cause.returncode}"
+        others = [s.name for s in self.failures() if s is not cause]
+        detail = cause.stderr
+        if others:
+            detail = (detail + " " if detail else "") + f"(also failed: {', '.join(others)})"
+        raise StageFailed(f"{context}{cause.name}", why, detail)
+
+
+class Sink:
+    """Where the last stage's stdout goes. Subclasses implement ``write``/``close``."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: memoryview) -> None:
+        self.size += len(data)
+
+    def close(self) -> None:  # pragma: no cover - trivial
+        pass
+
+
+class FileSink(Sink):
+    """Write to ``path`` (created 0600, must not exist), hashing on the way; fsync on close."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.hash = hashlib.sha256()
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, data: memoryview) -> None:
+        super().write(data)
+        self.hash.update(data)
+        view = data
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+class TailSink(Sink):
+    """Keep only the last ``keep`` bytes (e.g. to look for an end-of-dump marker)."""
+
+    def __init__(self, keep: int = 64 * 1024) -> None:
+        super().__init__()
+        self.keep = keep
+        self.tail = bytearray()
+
+    def write(self, data: memoryview) -> None:
+        super().write(data)
+        self.tail += data
+        if len(self.tail) > 2 * self.keep:
+            del self.tail[: -self.keep]
+
+    def result(self) -> bytes:
+        return bytes(self.tail[-self.keep :])
+
+
+class HashSink(Sink):
+    """Discard the bytes, keeping their sha256 and count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hash = hashlib.sha256()
+
+    def write(self, data: memoryview) -> None:
+        super().write(data)
+        self.hash.update(data)
+
+
+def _start(stage: Stage, stdin, stdout) -> tuple[subprocess.Popen, object]:
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - closed after the process is reaped
+    try:
+        proc = subprocess.Popen(
+            list(stage.argv),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=err,
+            env=dict(stage.env) if stage.env is not None else None,
+            pass_fds=stage.pass_fds,
+            close_fds=True,
+        )
+    except FileNotFoundError:
+        err.close()
+        require_binary(stage.argv[0])
+        raise
+    return proc, err
+
+
+def run_pipeline(
+    stages: Sequence[Stage],
+    sink: Sink,
+    source: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PipelineResult:
+    """Run ``stages`` connected by pipes, the first reading ``source`` (or nothing), the last
+    feeding ``sink``. Always waits for every process; never raises for a stage's exit status
+    (call ``raise_for_status`` on the result). The sink is closed before returning.
+    """
+    if not stages:
+        raise ValueError("a pipeline needs at least one stage")
+    started = time.monotonic()
+    procs: list[tuple[Stage, subprocess.Popen, object]] = []
+    source_file = open(source, "rb") if source is not None else None  # noqa: SIM115
+    stdin = source_file if source_file is not None else subprocess.DEVNULL
+    try:
+        for index, stage in enumerate(stages):
+            proc, err = _start(stage, stdin, subprocess.PIPE)
+            if index > 0:
+                procs[-1][1].stdout.close()  # only the child keeps the read end
+            procs.append((stage, proc, err))
+            stdin = proc.stdout
+            if stage.on_start:
+                stage.on_start(proc)
+        if source_file is not None:
+            source_file.close()
+            source_file = None
+        last = procs[-1][1].stdout
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        fd = last.fileno()
+        while True:
+            n = os.readv(fd, [buf])
+            if not n:
+                break
+            sink.write(view[:n])
+            if progress:
+                progress(sink.size)
+        last.close()
+    except BaseException:
+        for _, proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+        raise
+    finally:
+        if source_file is not None:
+            source_file.close()
+        results = []
+        for stage, proc, err in procs:
+            proc.wait()
+            err.seek(0)
+            results.append(StageResult(stage.name, proc.returncode, tail_text(err.read()[-8192:])))
+            err.close()
+        sink.close()
+    result = PipelineResult(
+        stages=results,
+        size=sink.size,
+        tail=sink.result() if isinstance(sink, TailSink) else b"",
+        sha256=sink.hash.hexdigest() if hasattr(sink, "hash") else "",
+        seconds=time.monotonic() - started,
+        ok_codes={s.name: s.ok_codes for s in stages},
+    )
+    return result
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in large chunks (hashlib releases the GIL)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := handle.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()

@@ -1,0 +1,61 @@
+"""Re-verification of stored backups (invoke verify): results are written back into the records,
+so a backup that no longer verifies is never picked as 'latest' for a restore."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lib import store
+from lib.backup import engine_of_file, verify_file
+from lib.config import DatabaseSpec, Spec
+from lib.errors import InputError, VerificationFailed
+
+
+def database_for_file(spec: Spec, path: Path, record: dict | None) -> DatabaseSpec:
+    """The configured database a file belongs to (its record's name, else its engine if unique)."""
+    if record and record.get("name") in spec.databases:
+        return spec.databases[record["name"]]
+    engine = engine_of_file(path, record)
+    matches = [db for db in spec.databases.values() if db.engine == engine]
+    if len(matches) == 1:
+        return matches[0]
+    raise InputError(
+        f"cannot tell which configured database {path.name} belongs to; keep it under <backup_dir>/<name>/<tier>/ with its .json record"
+    )
+
+
+def verify_one(spec: Spec, db: DatabaseSpec, path: Path, backup: store.Backup | None, log: logging.Logger) -> bool:
+    """Verify one file, record the outcome when it has a record. Returns True when it passed."""
+    try:
+        checks = verify_file(spec, db, path, backup.record if backup else None)
+    except VerificationFailed as exc:
+        log.error("%s: %s", db.name, exc)
+        if backup:
+            backup.record["verified"] = {"ok": False, "at": store.iso(store.utcnow()), "error": str(exc)[:500]}
+            backup.save()
+        return False
+    if backup:
+        backup.record["verified"] = {"ok": True, "at": store.iso(store.utcnow()), "checks": checks}
+        backup.save()
+    log.info("%s: %s OK (%s)", db.name, path.name, ", ".join(checks))
+    return True
+
+
+def verify_stored(spec: Spec, file: str | None, names: list[str] | None, log: logging.Logger) -> int:
+    """Verify one file or every stored backup of the selected databases. Returns the number that failed."""
+    if file:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise InputError(f"--file {file}: no such file; pass an existing backup file")
+        backup = store.load(path.resolve())
+        db = database_for_file(spec, path, backup.record if backup else None)
+        return 0 if verify_one(spec, db, path.resolve(), backup, log) else 1
+    failed = 0
+    for db in spec.select(names):
+        backups = store.list_backups(spec.backup_dir, db.name)
+        if not backups:
+            log.warning("%s: no backups to verify", db.name)
+        for backup in backups:
+            failed += 0 if verify_one(spec, db, backup.path, backup, log) else 1
+    return failed

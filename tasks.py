@@ -1,0 +1,163 @@
+"""Invoke tasks: flags, help text and exit codes only. The work is done in lib/."""
+
+from __future__ import annotations
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from lib import store
+from lib.backup import plan, run_backup
+from lib.backup import prune as prune_db
+from lib.cli import confirm_on_terminal, guarded, parse_tier, spec_and_log
+from lib.config import load_spec
+from lib.errors import InputError, ToolError
+from lib.restore import restore as restore_db
+
+CONFIG_HELP = "Path to backup.yml (default: $BACKUP_CONFIG, then ./backup.yml)."
+
+
+@task(
+    iterable=["db"],
+    help={
+        "all": "Back up every database in backup.yml.",
+        "db": "Back up this database (the name under 'databases:'); repeatable.",
+        "tier": "Force the tier: daily, weekly or monthly (default: from today's date and schedule).",
+        "dry_run": "Print the plan (files, stages) without dumping anything.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
+    """Dump, compress, verify, encrypt and store backups, then apply retention. Exit 1 if any failed."""
+    if not all and not db:
+        raise InputError("say what to back up: --all or --db NAME")
+    tier = parse_tier(tier)
+    spec = spec_and_log(config, with_file_log=not dry_run)
+    databases = spec.select(None if all else db)
+    if dry_run:
+        for item in databases:
+            print(plan(spec, item, tier).describe())
+        return
+    failed = []
+    for item in databases:
+        try:
+            run_backup(spec, item, tier)
+            prune_db(spec, item)
+        except ToolError as exc:
+            failed.append(item.name)
+            from lib.log import get
+
+            get().error("%s: backup FAILED: %s", item.name, exc)
+    ok = len(databases) - len(failed)
+    summary = f"summary: {ok} of {len(databases)} database(s) backed up" + (
+        f"; failed: {', '.join(failed)}" if failed else ""
+    )
+    if failed:
+        raise Exit(summary, code=1)
+    print(summary)
+
+
+@task(
+    help={
+        "engine": "Engine of the backup: postgres or mongodb.",
+        "file": "Backup file to restore, or 'latest' for the newest verified backup.",
+        "db": "Which configured database (needed when several use the engine).",
+        "into": "Restore into this database instead, leaving the configured one alone.",
+        "yes": "Do not ask for confirmation (required without a terminal, e.g. from cron).",
+        "drop_previous": "Drop the replaced database instead of keeping it as <db>_pre_restore_<time>.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def restore(c, engine=None, file=None, db=None, into=None, yes=False, drop_previous=False, config=None):
+    """Verify a backup, then restore it safely: into a new database, checked, then swapped in."""
+    if not engine or not file:
+        raise InputError("restore needs --engine postgres|mongodb and --file PATH|latest")
+    spec = spec_and_log(config)
+    ask = confirm_on_terminal(yes)
+    summary = restore_db(spec, engine, file, db_name=db, into=into, drop_previous=drop_previous, confirm=ask)
+    print(
+        f"restored {summary['file']} into {summary['target']}"
+        + (f"; previous database kept as {summary['previous']}" if summary.get("previous") else "")
+    )
+
+
+@task(help={"config": CONFIG_HELP})
+@guarded
+def validate(c, config=None):
+    """Check backup.yml (and .env, environment overrides) against the schema; all problems at once."""
+    spec = load_spec(config)
+    print(
+        f"{spec.config_path}: valid ({len(spec.databases)} database(s): {', '.join(spec.databases)}; backups in {spec.backup_dir})"
+    )
+
+
+@task(
+    name="list",
+    iterable=["db"],
+    help={"db": "Only this database; repeatable.", "config": CONFIG_HELP},
+)
+@guarded
+def list_(c, db=None, config=None):
+    """List stored backups per database and tier, newest first, with size, age and verified state."""
+    spec = spec_and_log(config, with_file_log=False)
+    now = store.utcnow()
+    for item in spec.select(db):
+        backups = store.list_backups(spec.backup_dir, item.name)
+        print(f"{item.name} ({item.engine}, {item.database}): {len(backups)} backup(s)")
+        for tier in store.TIERS:
+            for b in (b for b in backups if b.tier == tier):
+                checks = ",".join(b.record.get("verified", {}).get("checks", []))
+                state = f"verified [{checks}]" if b.verified else "NOT verified"
+                print(
+                    f"  {tier:<8} {b.path.name:<40} {store.human_size(b.record.get('size', 0)):>10} {store.human_age(now - b.created):>5} old  {state}"
+                )
+        for legacy in store.legacy_files(spec.backup_dir, item.name):
+            print(
+                f"  {legacy.parent.name:<8} {legacy.name:<40} {store.human_size(legacy.stat().st_size):>10}  no record (not made by this tool; never pruned)"
+            )
+
+
+@task(
+    iterable=["db"],
+    help={
+        "file": "Verify only this file (default: every stored backup).",
+        "db": "Only this database; repeatable.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def verify(c, file=None, db=None, config=None):
+    """Re-verify stored backups: checksum, compression integrity, dump completeness. Exit 1 on any failure."""
+    from lib.log import get
+    from lib.verify import verify_stored
+
+    spec = spec_and_log(config)
+    bad = verify_stored(spec, file=file, names=db, log=get())
+    if bad:
+        raise Exit(f"FAILED: {bad} backup(s) failed verification", code=1)
+
+
+@task(
+    iterable=["db"],
+    help={
+        "dry_run": "Only print what would be deleted.",
+        "db": "Only this database; repeatable.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def prune(c, dry_run=False, db=None, config=None):
+    """Apply retention now: delete backups older than their tier's keep_days (never the newest verified one)."""
+    spec = spec_and_log(config, with_file_log=not dry_run)
+    total = sum(len(prune_db(spec, item, dry_run=dry_run)) for item in spec.select(db))
+    print(f"{'would delete' if dry_run else 'deleted'} {total} backup(s)")
+
+
+@task(help={"keep": "Keep the demo directory (backups, config) and print where it is."})
+@guarded
+def demo(c, keep=False):
+    """Run the whole road on a throwaway PostgreSQL with sample data: backup, verify, restore, compare."""
+    from lib.demo import run_demo
+
+    run_demo(keep=keep)
