@@ -6,11 +6,12 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from lib import store
-from lib.backup import plan, run_backup
+from lib.backup import backup_many, plan
 from lib.backup import prune as prune_db
 from lib.cli import confirm_on_terminal, guarded, parse_tier, spec_and_log
 from lib.config import load_spec
-from lib.errors import InputError, ToolError
+from lib.errors import InputError
+from lib.log import get as get_log
 from lib.restore import restore as restore_db
 
 CONFIG_HELP = "Path to backup.yml (default: $BACKUP_CONFIG, then ./backup.yml)."
@@ -38,23 +39,10 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
         for item in databases:
             print(plan(spec, item, tier).describe())
         return
-    failed = []
-    for item in databases:
-        try:
-            run_backup(spec, item, tier)
-            prune_db(spec, item)
-        except ToolError as exc:
-            failed.append(item.name)
-            from lib.log import get
-
-            get().error("%s: backup FAILED: %s", item.name, exc)
-    ok = len(databases) - len(failed)
-    summary = f"summary: {ok} of {len(databases)} database(s) backed up" + (
-        f"; failed: {', '.join(failed)}" if failed else ""
-    )
-    if failed:
-        raise Exit(summary, code=1)
-    print(summary)
+    outcome = backup_many(spec, databases, tier)
+    if outcome.failed:
+        raise Exit(outcome.summary(), code=outcome.exit_code)
+    print(outcome.summary())
 
 
 @task(
@@ -129,11 +117,10 @@ def list_(c, db=None, config=None):
 @guarded
 def verify(c, file=None, db=None, config=None):
     """Re-verify stored backups: checksum, compression integrity, dump completeness. Exit 1 on any failure."""
-    from lib.log import get
     from lib.verify import verify_stored
 
     spec = spec_and_log(config)
-    bad = verify_stored(spec, file=file, names=db, log=get())
+    bad = verify_stored(spec, file=file, names=db, log=get_log())
     if bad:
         raise Exit(f"FAILED: {bad} backup(s) failed verification", code=1)
 

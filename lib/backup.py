@@ -7,7 +7,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
 from lib.engines import get_engine
-from lib.errors import InputError, VerificationFailed
+from lib.errors import InputError, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
 from lib.stream import FileSink, Stage, TailSink, run_pipeline, sha256_file
 
@@ -100,20 +100,20 @@ def verify_file(
     """Full verification of a stored file: sha256 against its sidecar (hashed in parallel with the
     stream check) and the stream check. Returns the checks done. Raises VerificationFailed."""
     sidecar = store.sha256_path(path)
+    expected = sidecar.read_text().split()[0] if sidecar.exists() and sidecar.read_text().strip() else None
+    stream_error: VerificationFailed | None = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        digest = pool.submit(sha256_file, path) if sidecar.exists() else None
+        digest = pool.submit(sha256_file, path) if expected else None
         try:
             checks, _ = check_stream(spec, db, path, record, place)
-        finally:
-            actual = digest.result() if digest else None
-    checks = list(checks)
-    if sidecar.exists():
-        expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
-        if actual != expected:
-            raise VerificationFailed(
-                f"{path.name}: sha256 does not match {sidecar.name}; the file was changed or damaged"
-            )
-        checks.insert(0, "sha256")
+        except VerificationFailed as exc:
+            stream_error = exc
+        actual = digest.result() if digest else None
+    if expected and actual != expected:
+        raise VerificationFailed(f"{path.name}: sha256 does not match {sidecar.name}; the file was changed or damaged")
+    if stream_error is not None:
+        raise stream_error
+    checks = (["sha256"] if expected else []) + list(checks)
     if record and record.get("size") is not None and path.stat().st_size != record["size"]:
         raise VerificationFailed(f"{path.name}: size {path.stat().st_size} differs from the recorded {record['size']}")
     return checks
@@ -244,3 +244,36 @@ def engine_of_file(path: Path, record: dict[str, Any] | None) -> str | None:
     if ".archive" in name:
         return "mongodb"
     return None
+
+
+@dataclass
+class RunOutcome:
+    """Result of backing up several databases: what was made, what failed and why."""
+
+    made: dict[str, store.Backup] = field(default_factory=dict)
+    failed: dict[str, ToolError] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all good; 2 when every failure was bad input (nothing attempted); else 1."""
+        if not self.failed:
+            return 0
+        return 2 if all(exc.exit_code == 2 for exc in self.failed.values()) else 1
+
+    def summary(self) -> str:
+        total = len(self.made) + len(self.failed)
+        text = f"summary: {len(self.made)} of {total} database(s) backed up"
+        return text + (f"; failed: {', '.join(self.failed)}" if self.failed else "")
+
+
+def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = None) -> RunOutcome:
+    """Back up each database, then apply its retention; carry on past failures."""
+    outcome = RunOutcome()
+    for db in databases:
+        try:
+            outcome.made[db.name] = run_backup(spec, db, tier)
+            prune(spec, db)
+        except ToolError as exc:
+            outcome.failed[db.name] = exc
+            log.error("%s: backup FAILED: %s", db.name, exc)
+    return outcome
