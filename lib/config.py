@@ -178,6 +178,10 @@ def _path_text(path) -> str:
 
 
 def _error_text(error: jsonschema.ValidationError) -> str:
+    last = error.absolute_path[-1] if error.absolute_path else ""
+    if isinstance(last, str) and last.endswith("_env"):
+        # never echo the value: someone may have put the secret itself here
+        return "must be the NAME of an environment variable (letters, digits, _), not the secret itself"
     if error.validator == "not" and isinstance(error.validator_value, dict):
         required = error.validator_value.get("required")
         if required:

@@ -44,7 +44,7 @@ class StageResult:
 
     @property
     def sigpipe(self) -> bool:
-        return self.returncode == -signal.SIGPIPE
+        return self.returncode in (-signal.SIGPIPE, 128 + signal.SIGPIPE)  # direct, or via a shell
 
 
 @dataclass

@@ -52,13 +52,18 @@ def test_round_trip_container_mode_through_docker_double(workspace, sample_db):
     assert [d for d in databases_like(sample_db.name) if d != sample_db.name] == []
 
 
-@pytest.mark.parametrize("fmt", ["custom"])
-def test_custom_format_round_trip(workspace, sample_db, fmt):
-    workspace.write_config(workspace.postgres_config(sample_db.name, format=fmt))
+@pytest.mark.parametrize(
+    "options,suffix",
+    [({"format": "custom"}, ".dump"), ({"compression": "zstd"}, ".sql.zst"), ({"compression_level": 1}, ".sql.gz")],
+)
+def test_formats_and_compressors_round_trip(workspace, sample_db, options, suffix):
+    workspace.write_config(workspace.postgres_config(sample_db.name, **options))
     before = sample_db.checksums()
     assert workspace.invoke("backup", "--all").returncode == 0
     [backup] = workspace.backups()
-    assert backup.name.endswith(".dump")
+    assert backup.name.endswith(suffix)
+    verify = workspace.invoke("verify", "--file", str(backup))
+    assert verify.returncode == 0, verify.stderr
     sample_db.sql("DROP TABLE messages;")
     result = workspace.invoke("restore", "--engine", "postgres", "--file", str(backup), "--yes", "--drop-previous")
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,116 @@
+"""Layout, records and retention: ages come from records, foreign files are never touched."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+
+from lib import store
+
+NOW = datetime(2026, 11, 26, 2, 0, tzinfo=UTC)
+
+
+def fake(tmp_path, name, tier, days_old, verified=True, suffix=".sql.gz"):
+    created = NOW - timedelta(days=days_old)
+    directory = store.ensure_dir(tmp_path / name / tier)
+    path = directory / f"backup_{created.strftime('%Y%m%d_%H%M%S')}{suffix}"
+    path.write_bytes(b"data")
+    # mtime says "new" on purpose: retention must use the record, not mtime
+    os.utime(path, (NOW.timestamp(), NOW.timestamp()))
+    backup = store.Backup(
+        path,
+        {"name": name, "tier": tier, "created": store.iso(created), "file": path.name, "verified": {"ok": verified}},
+    )
+    backup.save()
+    store.write_atomic(backup.sha256_path, b"x  " + path.name.encode() + b"\n")
+    return backup
+
+
+def test_tier_from_date():
+    assert store.tier_for(datetime(2026, 11, 1), weekly_on=6, monthly_on=1) == "monthly"  # a Sunday, monthly wins
+    assert store.tier_for(datetime(2026, 11, 8), weekly_on=6, monthly_on=1) == "weekly"
+    assert store.tier_for(datetime(2026, 11, 9), weekly_on=6, monthly_on=1) == "daily"
+
+
+def test_retention_deletes_by_recorded_age_per_tier(tmp_path):
+    keep = {"daily": 7, "weekly": 30, "monthly": 90}
+    backups = [fake(tmp_path, "pg", "daily", d) for d in (1, 6, 8, 20)]
+    backups += [fake(tmp_path, "pg", "weekly", d) for d in (10, 29, 31)]
+    backups += [fake(tmp_path, "pg", "monthly", d) for d in (60, 95)]
+    doomed = store.plan_retention(store.list_backups(tmp_path, "pg"), keep, NOW)
+    ages = sorted(((NOW - b.created).days, b.tier) for b in doomed)
+    assert ages == [(8, "daily"), (20, "daily"), (31, "weekly"), (95, "monthly")]
+
+
+def test_newest_verified_of_a_tier_survives_even_when_old(tmp_path):
+    old_verified = fake(tmp_path, "pg", "daily", 40)
+    fake(tmp_path, "pg", "daily", 30, verified=False)
+    doomed = store.plan_retention(store.list_backups(tmp_path, "pg"), {"daily": 7}, NOW)
+    assert old_verified.path not in [b.path for b in doomed]
+    assert len(doomed) == 1
+
+
+def test_files_without_our_record_are_invisible_to_retention(tmp_path):
+    fake(tmp_path, "pg", "daily", 100)
+    fake(tmp_path, "pg", "daily", 1)
+    legacy = tmp_path / "pg" / "daily" / "backup_20200101_020000.sql.gz"
+    legacy.write_bytes(b"old script backup")
+    notes = tmp_path / "pg" / "daily" / "README.txt"
+    notes.write_text("operator notes")
+    backups = store.list_backups(tmp_path, "pg")
+    assert legacy not in [b.path for b in backups]
+    assert store.legacy_files(tmp_path, "pg") == [legacy]
+    for backup in store.plan_retention(backups, {"daily": 7}, NOW):
+        store.delete(backup)
+    left = sorted(p.name for p in (tmp_path / "pg" / "daily").iterdir())
+    assert "README.txt" in left and legacy.name in left
+    assert len([n for n in left if n.endswith(".json")]) == 1
+
+
+def test_delete_removes_sidecars(tmp_path):
+    backup = fake(tmp_path, "pg", "daily", 3)
+    store.delete(backup)
+    assert list((tmp_path / "pg" / "daily").iterdir()) == []
+
+
+def test_record_must_name_its_own_file(tmp_path):
+    backup = fake(tmp_path, "pg", "daily", 3)
+    record = json.loads(backup.record_path.read_text())
+    record["file"] = "something_else.sql.gz"
+    backup.record_path.write_text(json.dumps(record))
+    assert store.list_backups(tmp_path, "pg") == []
+
+
+def test_prune_task_end_to_end(workspace, sample_db):
+    config = workspace.postgres_config(sample_db.name)
+    workspace.write_config(config)
+    assert workspace.invoke("backup", "--all", "--tier", "daily").returncode == 0
+    old = fake(workspace.backup_dir, "pg", "daily", 9)
+    foreign = workspace.backup_dir / "pg" / "daily" / "backup_20190101_000000.sql.gz"
+    foreign.write_bytes(b"made by the old scripts")
+    dry = workspace.invoke("prune", "--dry-run")
+    assert dry.returncode == 0 and "would delete 1" in dry.stdout
+    assert old.path.exists()
+    result = workspace.invoke("prune")
+    assert result.returncode == 0 and "deleted 1" in result.stdout
+    assert not old.path.exists() and not old.record_path.exists() and not old.sha256_path.exists()
+    assert foreign.exists()
+    assert len(workspace.backups()) == 2  # the new backup and the foreign file
+    listing = workspace.invoke("list")
+    assert "no record" in listing.stdout and "verified [sha256" in listing.stdout
+
+
+def test_permissions_log_and_dry_run(workspace, sample_db):
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    dry = workspace.invoke("backup", "--all", "--dry-run")
+    assert dry.returncode == 0 and "pg: " in dry.stdout and "pg_dump | " in dry.stdout
+    assert not workspace.backup_dir.exists()
+    assert workspace.invoke("backup", "--all").returncode == 0
+    for path in workspace.backup_dir.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+    assert oct(workspace.backup_dir.stat().st_mode & 0o777) == "0o700"
+    log = (workspace.backup_dir / "backup.log").read_text().splitlines()
+    assert any(" INFO pg: verified backup " in line for line in log)
+    assert all(line[:4].isdigit() and line[4] == "-" for line in log)

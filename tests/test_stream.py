@@ -1,0 +1,73 @@
+"""lib/stream.py with real processes: exit statuses, the failing stage, hashing at the sink."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from lib.errors import StageFailed
+from lib.stream import FileSink, HashSink, Stage, TailSink, run_pipeline
+
+
+def sh(name, script):
+    return Stage(name, ["sh", "-c", script])
+
+
+def test_bytes_flow_through_and_are_hashed(tmp_path):
+    out = tmp_path / "out"
+    result = run_pipeline([sh("make", "seq 1 100000"), Stage("gzip", ["gzip", "-1", "-c"])], FileSink(out))
+    result.raise_for_status()
+    data = out.read_bytes()
+    assert result.size == len(data) > 0
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+
+
+def test_source_file_feeds_the_first_stage(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 3_000_000)
+    result = run_pipeline([Stage("cat", ["cat"])], HashSink(), source=src)
+    assert result.sha256 == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+
+
+def test_upstream_failure_is_reported_even_when_downstream_succeeds():
+    result = run_pipeline(
+        [sh("dump", "echo partial; echo 'lost connection' >&2; exit 3"), Stage("gzip", ["gzip"])], TailSink()
+    )
+    with pytest.raises(StageFailed, match=r"dump failed: exit status 3: lost connection"):
+        result.raise_for_status()
+
+
+def test_downstream_failure_is_the_cause_not_the_broken_pipe_upstream():
+    result = run_pipeline(
+        [sh("dump", "yes | head -c 50000000"), sh("enc", "head -c 10 >/dev/null; echo 'bad key' >&2; exit 2")],
+        TailSink(),
+    )
+    with pytest.raises(StageFailed) as info:
+        result.raise_for_status()
+    assert info.value.stage == "enc"
+    assert "bad key" in str(info.value)
+
+
+def test_upstream_cause_wins_over_a_downstream_stage_fed_truncated_input():
+    result = run_pipeline(
+        [sh("gunzip", "printf 'abc'; echo 'crc error' >&2; exit 1"), sh("check", "cat >/dev/null; exit 4")], TailSink()
+    )
+    with pytest.raises(StageFailed) as info:
+        result.raise_for_status()
+    assert info.value.stage == "gunzip"
+    assert "also failed: check" in str(info.value)
+
+
+def test_tail_sink_keeps_only_the_end():
+    result = run_pipeline([sh("gen", "seq 1 200000")], TailSink(keep=14))
+    assert result.tail == b"199999\n200000\n"
+
+
+def test_missing_binary_is_an_input_error_naming_the_package(monkeypatch, tmp_path):
+    from lib.errors import EnvironmentProblem
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(EnvironmentProblem, match="'zstd' is not installed or not on PATH; install the zstd package"):
+        run_pipeline([Stage("zstd", ["zstd", "-c"])], TailSink())
