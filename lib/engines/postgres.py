@@ -5,6 +5,7 @@ the target destroyed: restore into a new database, check it, then swap names in 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -107,7 +108,9 @@ class Postgres(Engine):
                 stages.append(Stage("pg_restore (read back)", ["pg_restore", "-f", "-"]))
             else:
                 stages.append(Stage("pg_restore (read back)", place.argv(["pg_restore", "-f", "-"]), env=place.env()))
-        stages.append(Stage("dump check (awk)", ["awk", INSPECT_AWK]))
+        # mawk in the C locale reads ~4x faster than gawk in a UTF-8 one; the script is byte-safe.
+        awk = "mawk" if shutil.which("mawk") else "awk"
+        stages.append(Stage("dump check (awk)", [awk, INSPECT_AWK], env={**os.environ, "LC_ALL": "C"}))
         return stages
 
     def verify_checks(self, db: DatabaseSpec) -> list[str]:
