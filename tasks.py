@@ -148,3 +148,79 @@ def demo(c, keep=False):
     from lib.demo import run_demo
 
     run_demo(keep=keep)
+
+
+@task(
+    iterable=["db"],
+    help={
+        "db": "Only this database; repeatable.",
+        "dry_run": "Only verify and report; write nothing.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def adopt(c, db=None, dry_run=False, config=None):
+    """Take over the old scripts' backups: verify each and write its record, so retention and restore see it."""
+    from lib.adopt import adopt as adopt_db
+
+    spec = spec_and_log(config, with_file_log=not dry_run)
+    adopted = refused = 0
+    for item in spec.select(db):
+        a, r = adopt_db(spec, item, get_log(), dry_run=dry_run)
+        adopted, refused = adopted + a, refused + r
+    print(f"{'would adopt' if dry_run else 'adopted'} {adopted} file(s); {refused} left alone")
+    if refused:
+        raise Exit(f"{refused} file(s) failed verification or are not backups of that engine; see the log", code=1)
+
+
+@task(
+    help={
+        "size_mb": "Size of the benchmark database to build (MB on disk; default 500).",
+        "runs": "Alternating runs of each variant (default 3).",
+        "compression": "The tool's compression for the run: gzip or zstd.",
+        "format": "The tool's dump format: plain or custom.",
+        "no_encrypt": "Leave encryption out of both the old sequence and the tool.",
+        "no_copy": "Leave the off-site copy out of both.",
+        "no_restore": "Skip the restore comparison.",
+        "json": "Also write the results to this JSON file.",
+        "drop": "Drop the benchmark database afterwards (default: keep it for the next run).",
+    },
+)
+def bench(
+    c,
+    size_mb=500,
+    runs=3,
+    compression="gzip",
+    format="plain",
+    no_encrypt=False,
+    no_copy=False,
+    no_restore=False,
+    json=None,
+    drop=False,
+):
+    """Benchmark old scripts vs this tool vs the pg_dump floor; prints medians and ratios (see README)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = [
+        sys.executable,
+        str(Path(__file__).parent / "benchmarks" / "bench.py"),
+        "--size-mb",
+        str(size_mb),
+        "--runs",
+        str(runs),
+    ]
+    argv += ["--compression", compression, "--format", format]
+    argv += [
+        flag
+        for flag, on in (
+            ("--no-encrypt", no_encrypt),
+            ("--no-copy", no_copy),
+            ("--no-restore", no_restore),
+            ("--drop", drop),
+        )
+        if on
+    ]
+    argv += ["--json", json] if json else []
+    raise Exit(code=subprocess.call(argv))

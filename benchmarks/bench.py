@@ -34,14 +34,23 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "benchmarks" / "schema.sql"
-PG = ["-h", os.environ.get("BENCH_PGHOST", "127.0.0.1"), "-p", os.environ.get("BENCH_PGPORT", "5432"), "-U", os.environ.get("BENCH_PGUSER", "postgres")]
+PG = [
+    "-h",
+    os.environ.get("BENCH_PGHOST", "127.0.0.1"),
+    "-p",
+    os.environ.get("BENCH_PGPORT", "5432"),
+    "-U",
+    os.environ.get("BENCH_PGUSER", "postgres"),
+]
 DB = os.environ.get("BENCH_DB", "lemon_bench")
 
 
 def psql(sql: str, dbname: str = "postgres", *extra: str) -> str:
     proc = subprocess.run(
         ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", *PG, "-d", dbname, *extra],
-        input=sql, capture_output=True, text=True,
+        input=sql,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode:
         sys.exit(f"bench: psql failed: {proc.stderr.strip()}")
@@ -68,7 +77,8 @@ def build(size_mb: int) -> int:
     started = time.monotonic()
     proc = subprocess.run(
         ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"scale={scale}", *PG, "-d", DB, "-f", str(SCHEMA)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode:
         sys.exit(f"bench: building the database failed: {proc.stderr.strip()}")
@@ -157,7 +167,9 @@ def summarize(samples: list[dict], size: int) -> dict:
 
 
 def fmt_range(item: dict, scale: float = 1.0, unit: str = "s", digits: int = 2) -> str:
-    return f"{item['median'] / scale:.{digits}f}{unit} ({item['min'] / scale:.{digits}f}-{item['max'] / scale:.{digits}f})"
+    return (
+        f"{item['median'] / scale:.{digits}f}{unit} ({item['min'] / scale:.{digits}f}-{item['max'] / scale:.{digits}f})"
+    )
 
 
 def main() -> None:
@@ -203,8 +215,13 @@ def run(args, size: int, work: Path) -> dict:
         "backup_dir": str(work / "backups"),
         "databases": {
             "bench": {
-                "engine": "postgres", "database": DB, "user": PG[5], "host": PG[1], "port": int(PG[3]),
-                "format": args.format, "compression": args.compression,
+                "engine": "postgres",
+                "database": DB,
+                "user": PG[5],
+                "host": PG[1],
+                "port": int(PG[3]),
+                "format": args.format,
+                "compression": args.compression,
             }
         },
     }
@@ -220,7 +237,7 @@ def run(args, size: int, work: Path) -> dict:
     old_script.write_text(
         "set -e\n"
         f'F="{work}/old/backup_$(date +%Y%m%d_%H%M%S).sql.gz"\nmkdir -p "{work}/old"\n'
-        f"pg_dump --no-owner --no-acl {' '.join(PG)} {DB} | gzip > \"$F\"\n"
+        f'pg_dump --no-owner --no-acl {" ".join(PG)} {DB} | gzip > "$F"\n'
         'gzip -t "$F"\n'
         + ("" if args.no_encrypt else gpg + "\n")
         + ("" if args.no_copy else f'cp "$F"{"" if args.no_encrypt else ".gpg"} "{offsite_old}/"\n')
@@ -229,8 +246,12 @@ def run(args, size: int, work: Path) -> dict:
     tool = [sys.executable, "-m", "invoke", "-r", str(ROOT)]
     variants = {
         "a_old": lambda: measure(["bash", str(old_script)], env=env),
-        "b_tool": lambda: measure([*tool, "backup", "--db", "bench", "--tier", "daily", "--config", str(cfg)], env=env, python_root=True),
-        "c_floor": lambda: measure(["bash", "-c", f"pg_dump --no-owner --no-acl {' '.join(PG)} {DB} > /dev/null"], env=env),
+        "b_tool": lambda: measure(
+            [*tool, "backup", "--db", "bench", "--tier", "daily", "--config", str(cfg)], env=env, python_root=True
+        ),
+        "c_floor": lambda: measure(
+            ["bash", "-c", f"pg_dump --no-owner --no-acl {' '.join(PG)} {DB} > /dev/null"], env=env
+        ),
     }
     samples: dict[str, list] = {k: [] for k in variants}
     order = list(variants)
@@ -247,7 +268,11 @@ def run(args, size: int, work: Path) -> dict:
     stored = [f for f in backup_files if not f.name.endswith((".json", ".sha256"))]
     old_file = Path((work / "old-last").read_text().strip())
     results = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "pg_dump": subprocess.run(["pg_dump", "--version"], capture_output=True, text=True).stdout.strip()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "pg_dump": subprocess.run(["pg_dump", "--version"], capture_output=True, text=True).stdout.strip(),
+        },
         "database_bytes": size,
         "settings": vars(args),
         "files": {"old": old_file.stat().st_size, "tool": stored[-1].stat().st_size if stored else None},
@@ -261,7 +286,7 @@ def run(args, size: int, work: Path) -> dict:
 def restore_bench(args, env, tool, cfg, old_file: Path, tool_file: Path, size: int) -> dict:
     samples: dict[str, list] = {"a_old": [], "b_tool": []}
     for i in range(args.runs):
-        for name in (["a_old", "b_tool"] if i % 2 == 0 else ["b_tool", "a_old"]):
+        for name in ["a_old", "b_tool"] if i % 2 == 0 else ["b_tool", "a_old"]:
             target = f"{DB}_r{name[0]}{i}"
             psql(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE);')
             if name == "a_old":
@@ -269,7 +294,19 @@ def restore_bench(args, env, tool, cfg, old_file: Path, tool_file: Path, size: i
                 argv = ["bash", "-c", f'gunzip -c "{old_file}" | psql -X -q -o /dev/null {" ".join(PG)} -d {target}']
                 samples[name].append(measure(argv, env=env))
             else:
-                argv = [*tool, "restore", "--engine", "postgres", "--file", str(tool_file), "--into", target, "--yes", "--config", str(cfg)]
+                argv = [
+                    *tool,
+                    "restore",
+                    "--engine",
+                    "postgres",
+                    "--file",
+                    str(tool_file),
+                    "--into",
+                    target,
+                    "--yes",
+                    "--config",
+                    str(cfg),
+                ]
                 samples[name].append(measure(argv, env=env, python_root=True))
             print(f"  restore run {i + 1} {name}: {samples[name][-1]['wall']:.2f}s", flush=True)
             psql(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE);')
@@ -279,7 +316,9 @@ def restore_bench(args, env, tool, cfg, old_file: Path, tool_file: Path, size: i
 def report(results: dict) -> None:
     size = results["database_bytes"] / 2**20
     print(f"\ndatabase {size:.0f} MB on disk; machine {results['machine']}")
-    print(f"stored file: old {results['files']['old'] / 2**20:.1f} MB, tool {(results['files']['tool'] or 0) / 2**20:.1f} MB")
+    print(
+        f"stored file: old {results['files']['old'] / 2**20:.1f} MB, tool {(results['files']['tool'] or 0) / 2**20:.1f} MB"
+    )
     for section in ("backup", "restore"):
         if section not in results:
             continue
@@ -287,7 +326,9 @@ def report(results: dict) -> None:
         print(f"  {'variant':<9} {'wall':<24} {'cpu':<24} {'python peak RSS':<22} {'tree peak RSS':<22} MB/s")
         for name, r in results[section].items():
             py = fmt_range(r["python_peak_rss"], 2**20, " MB", 0) if "python_peak_rss" in r else "-"
-            print(f"  {name:<9} {fmt_range(r['wall']):<24} {fmt_range(r['cpu']):<24} {py:<22} {fmt_range(r['tree_peak_rss'], 2**20, ' MB', 0):<22} {r['throughput_mb_s']:.0f}")
+            print(
+                f"  {name:<9} {fmt_range(r['wall']):<24} {fmt_range(r['cpu']):<24} {py:<22} {fmt_range(r['tree_peak_rss'], 2**20, ' MB', 0):<22} {r['throughput_mb_s']:.0f}"
+            )
     b = results["backup"]
     ratios = {
         "backup tool/old (target <= 0.5)": b["b_tool"]["wall"]["median"] / b["a_old"]["wall"]["median"],
