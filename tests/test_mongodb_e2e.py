@@ -328,6 +328,15 @@ def test_count_mismatch_after_restore_fails_with_the_safety_archive(mongo):
     assert str(safety_archives(mongo)[0]) in result.stderr
 
 
+def test_failing_count_check_names_the_safety_archive(mongo):
+    mongo.ws.write_config(mongo.config())
+    assert mongo.backup().returncode == 0
+    result = mongo.restore("--file", "latest", "--yes", env={"MONGO_DOUBLE_FAIL": "mongosh"})
+    assert result.returncode == 1
+    assert "could not count the restored documents" in result.stderr and "ECONNREFUSED" in result.stderr
+    assert f"The safety archive of 'lemon_korean' is {safety_archives(mongo)[0]}" in result.stderr
+
+
 def test_missing_shell_is_a_clear_error_before_anything_is_touched(mongo, tmp_path):
     bin_dir = tmp_path / "no-shell-bin"
     bin_dir.mkdir()

@@ -210,24 +210,27 @@ class MongoDB(Engine):
         expected: dict[str, int] = dict(meta.get("collections", {}))
         safety = self.take_safety_archive(request)
         request.log.info("%s: safety archive of '%s' kept at %s", db.name, target, safety)
-        undo = self.undo_hint(request, safety)
+        undo = f"The safety archive of '{target}' is {safety}; put it back with: {self.undo_hint(request, safety)}"
         started = time.monotonic()
         try:
             self.run_mongorestore(request, source)
         except ToolError as exc:
-            raise RunFailed(
-                f"{exc}; database '{target}' may be partly restored. Its safety archive is {safety}; "
-                f"put it back with: {undo}"
-            ) from None
-        found = self.count_documents(db, place, shell, target)
+            raise RunFailed(f"{exc}; database '{target}' may be partly restored. {undo}") from None
+        except KeyboardInterrupt:
+            request.log.error(
+                "%s: interrupted during mongorestore; '%s' may be partly restored. %s", db.name, target, undo
+            )
+            raise
+        try:
+            found = self.count_documents(db, place, shell, target)
+        except ToolError as exc:
+            raise RunFailed(f"{exc}; the restore of '{target}' is unchecked. {undo}") from None
         wrong = [
             f"{c}: {found.get(c)} documents, expected {n}" for c, n in sorted(expected.items()) if found.get(c) != n
         ]
         if wrong:
             raise RunFailed(
-                "restored collections differ from the backup's record: "
-                + "; ".join(wrong[:5])
-                + f". The safety archive of '{target}' is {safety}; put it back with: {undo}"
+                "restored collections differ from the backup's record: " + "; ".join(wrong[:5]) + f". {undo}"
             )
         extra = sorted(set(found) - set(expected))
         if extra:
