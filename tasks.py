@@ -52,7 +52,8 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
         "db": "Which configured database (needed when several use the engine).",
         "into": "Restore into this database instead, leaving the configured one alone.",
         "yes": "Do not ask for confirmation (required without a terminal, e.g. from cron).",
-        "drop_previous": "Drop the replaced database instead of keeping it as <db>_pre_restore_<time>.",
+        "drop_previous": "postgres: drop the replaced database instead of keeping it as <db>_pre_restore_<time>; "
+        "mongodb: delete the safety archive after a verified restore.",
         "config": CONFIG_HELP,
     },
 )

@@ -182,11 +182,12 @@ def run_backup(
         tmp.unlink(missing_ok=True)
         raise
     log.info(
-        "%s: verified backup %s (%s, %s tables, %.1fs)",
+        "%s: verified backup %s (%s, %s %s, %.1fs)",
         db.name,
         p.path,
         store.human_size(result.size),
-        len(meta.get("tables", {})),
+        len(engine.counts(meta)),
+        engine.units[0],
         time.monotonic() - started,
     )
     return backup

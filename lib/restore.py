@@ -69,13 +69,7 @@ def restore(
     log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
     target = into or db.database
     if confirm is not None and not confirm(
-        f"Restore {path.name} into database '{target}'"
-        + (
-            " (the current one is kept as a *_pre_restore_* copy)"
-            if not drop_previous
-            else " (the current one is DROPPED afterwards)"
-        )
-        + "?"
+        f"Restore {path.name} into database '{target}'{engine_impl.replace_note(drop_previous)}?"
     ):
         raise InputError("restore cancelled; nothing was touched")
     request = RestoreRequest(
@@ -87,16 +81,20 @@ def restore(
         target=target,
         drop_previous=drop_previous,
         log=log,
+        safety_dir=store.safety_dir(spec.backup_dir, db.name),
+        config_path=spec.config_path,
     )
     summary = engine_impl.restore(request)
     summary.update({"file": str(path), "checks": checks, "database": db.name})
     log.info(
-        "%s: restored %s into %s (%s tables, %s rows, %.1fs)",
+        "%s: restored %s into %s (%s %s, %s %s, %.1fs)",
         db.name,
         path.name,
         target,
         summary.get("tables"),
+        engine_impl.units[0],
         summary.get("rows"),
+        engine_impl.units[1],
         summary.get("seconds", 0),
     )
     return summary

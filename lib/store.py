@@ -134,6 +134,12 @@ def tier_dir(backup_dir: Path, name: str, tier: str) -> Path:
     return backup_dir / name / tier
 
 
+def safety_dir(backup_dir: Path, name: str) -> Path:
+    """Where safety copies taken before an in-place restore of database ``name`` are kept.
+    Not a tier: never listed as a backup, never pruned."""
+    return backup_dir / name / "pre-restore"
+
+
 def load(path: Path) -> Backup | None:
     """The Backup for ``path`` when it has a readable record of ours, else None."""
     try:

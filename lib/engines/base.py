@@ -32,6 +32,11 @@ class RestoreRequest:
     target: str
     drop_previous: bool = False
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("backup"))
+    #: where an engine that replaces the target in place keeps a safety copy of it first
+    #: (``<backup_dir>/<name>/pre-restore``); engines that swap databases ignore it
+    safety_dir: Path | None = None
+    #: the backup.yml in use, for commands suggested to the operator in messages
+    config_path: Path | None = None
 
     @property
     def source_is_raw(self) -> bool:
@@ -44,6 +49,8 @@ class Engine:
     name = ""
     #: binaries this engine needs on the host in host mode
     host_binaries: tuple[str, ...] = ()
+    #: what the engine counts, for log lines: (containers, items), e.g. ("tables", "rows")
+    units: tuple[str, str] = ("tables", "rows")
 
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
         """Where this database's tools run, with the secrets they need (env var name -> value)."""
@@ -79,6 +86,19 @@ class Engine:
         """Names of the checks ``check_summary`` performs, for records and listings."""
         return ["dump-complete"]
 
+    def counts(self, meta: Mapping[str, Any]) -> Mapping[str, int]:
+        """Per-container item counts (rows per table, documents per collection) from the metadata
+        ``check_summary`` returned."""
+        return meta.get("tables", {})
+
+    def replace_note(self, drop_previous: bool) -> str:
+        """What happens to the current target database, appended to the restore confirmation
+        question, e.g. ' (the current one is kept as a *_pre_restore_* copy)'."""
+        return ""
+
     def restore(self, request: RestoreRequest) -> dict[str, Any]:
-        """Restore safely (never leaving the target destroyed on failure). Returns a summary."""
+        """Restore safely (never leaving the target destroyed on failure). Returns a summary with
+        at least ``target``, ``previous`` (what was kept of the old target, or None), ``tables``
+        and ``rows`` (number of containers and items restored, in this engine's ``units``) and
+        ``seconds``."""
         raise NotImplementedError

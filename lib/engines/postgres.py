@@ -139,6 +139,11 @@ class Postgres(Engine):
         return {"tables": tables, "server_version": version}
 
     # -- restore -----------------------------------------------------------------------------
+    def replace_note(self, drop_previous: bool) -> str:
+        if drop_previous:
+            return " (the current one is DROPPED afterwards)"
+        return " (the current one is kept as a *_pre_restore_* copy)"
+
     def restore(self, request: RestoreRequest) -> dict[str, Any]:
         db, place, log = request.db, request.place, request.log
         maint = db.options.get("maintenance_database", "postgres")
