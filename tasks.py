@@ -5,7 +5,7 @@ from __future__ import annotations
 from invoke import task
 from invoke.exceptions import Exit
 
-from lib import store
+from lib import crypto, store
 from lib.backup import plan, run_backup
 from lib.backup import prune as prune_db
 from lib.cli import confirm_on_terminal, guarded, parse_tier, spec_and_log
@@ -38,6 +38,7 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
         for item in databases:
             print(plan(spec, item, tier).describe())
         return
+    crypto.preflight(spec)  # a key or passphrase problem stops the run before any dump (exit 2)
     failed = []
     for item in databases:
         try:
@@ -161,3 +162,17 @@ def demo(c, keep=False):
     from lib.demo import run_demo
 
     run_demo(keep=keep)
+
+
+@task(help={"config": CONFIG_HELP})
+@guarded
+def keys(c, config=None):
+    """Show the encryption setup: each recipient's key, fingerprint, expiry and usability. Exit 2 on a problem."""
+    from lib.crypto import key_report
+
+    spec = spec_and_log(config, with_file_log=False)
+    lines, problems = key_report(spec)
+    print("\n".join(lines))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)
