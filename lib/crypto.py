@@ -17,6 +17,7 @@ Knows nothing about databases: callers hand in the inspection stages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -583,8 +584,11 @@ def run_encrypted(
     tap = PlaintextTap(inspect)
     try:
         main = run_pipeline([*stages, tap.stage, *encrypt], sink, progress=progress)
-    finally:
-        branch = tap.finish()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            tap.finish()
+        raise
+    branch = tap.finish()
     if branch is None:  # pragma: no cover - tee always starts when run_pipeline returns
         raise RuntimeError("the plaintext check never started")
     merged = replace(main, stages=main.stages + branch.stages, ok_codes={**main.ok_codes, **branch.ok_codes})
