@@ -225,3 +225,17 @@ def bench(
     ]
     argv += ["--json", json] if json else []
     raise Exit(code=subprocess.call(argv))
+
+
+@task(help={"config": CONFIG_HELP})
+@guarded
+def keys(c, config=None):
+    """Show the encryption setup: each recipient's key, fingerprint, expiry and usability. Exit 2 on a problem."""
+    from lib.crypto import key_report
+
+    spec = spec_and_log(config, with_file_log=False)
+    lines, problems = key_report(spec)
+    print("\n".join(lines))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)

@@ -56,7 +56,7 @@ def plan(spec: Spec, db: DatabaseSpec, tier: str | None = None, now: datetime | 
     kind = engine.compression(db)
     if kind:
         names.append(compress.compressor(kind).name)
-    names += [s.name for s in crypto.encrypt_stages(spec)] if crypto.mode(spec) != "none" else []
+    names += crypto.stage_names(spec)
     return Plan(db=db, tier=tier, path=path, stages=names)
 
 
@@ -70,16 +70,39 @@ def decode_stages(spec: Spec, path: Path, record: dict[str, Any] | None) -> list
 
 
 def check_stream(
-    spec: Spec, db: DatabaseSpec, path: Path, record: dict[str, Any] | None, place: Place | None
+    spec: Spec,
+    db: DatabaseSpec,
+    path: Path,
+    record: dict[str, Any] | None,
+    place: Place | None,
+    decrypt: bool = False,
+    plaintext: bytes | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Read the stored file back through decode + engine inspection. Returns (checks, engine_meta).
-    Raises VerificationFailed (with the failing stage) when anything is wrong."""
+    Raises VerificationFailed (with the failing stage) when anything is wrong.
+
+    A public-key encrypted file is decrypted only with ``decrypt`` (restore; needs the secret key);
+    otherwise its packet structure is checked, plus ``plaintext`` (the inspection output of the
+    stream before encryption, from the backup run) when given. A wrong passphrase or missing
+    secret key raises EnvironmentProblem instead."""
     engine = get_engine(db.engine)
+    kind = (record or {}).get("compression") or compress.kind_from_name(path.name)
+    if crypto.is_encrypted(path) and crypto.file_mode(path) == "public-key" and not decrypt:
+        checks = crypto.check_structure(spec, path)
+        if plaintext is None:
+            return checks, {}
+        try:
+            meta = engine.check_summary(db, plaintext)
+        except VerificationFailed as exc:
+            raise VerificationFailed(f"{path.name} failed verification before encryption: {exc}") from None
+        before = ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
+        return checks + [f"pre-encryption:{check}" for check in before], meta
     decode = decode_stages(spec, path, record)
     stages = decode + engine.inspect_stages(db, place)
     result = run_pipeline(stages, TailSink(256 * 1024), source=path)
     cause = result.cause()
     if cause is not None:
+        crypto.explain_failure(spec, cause, path)
         raise VerificationFailed(
             f"{path.name} failed verification: {cause.name} exited with status {cause.returncode}: "
             f"{cause.stderr or 'no message'}"
@@ -88,24 +111,29 @@ def check_stream(
         meta = engine.check_summary(db, result.tail)
     except VerificationFailed as exc:
         raise VerificationFailed(f"{path.name} failed verification: {exc}") from None
-    kind = (record or {}).get("compression") or compress.kind_from_name(path.name)
-    checks = ["gpg-decrypt"] if path.name.endswith(".gpg") and crypto.mode(spec) == "symmetric" else []
+    checks = ["gpg-decrypt"] if crypto.is_encrypted(path) else []
     checks += ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
     return checks, meta
 
 
 def verify_file(
-    spec: Spec, db: DatabaseSpec, path: Path, record: dict[str, Any] | None, place: Place | None = None
+    spec: Spec,
+    db: DatabaseSpec,
+    path: Path,
+    record: dict[str, Any] | None,
+    place: Place | None = None,
+    decrypt: bool = False,
 ) -> list[str]:
     """Full verification of a stored file: sha256 against its sidecar (hashed in parallel with the
-    stream check) and the stream check. Returns the checks done. Raises VerificationFailed."""
+    stream check) and the stream check (``decrypt``: see check_stream). Returns the checks done.
+    Raises VerificationFailed."""
     sidecar = store.sha256_path(path)
     expected = sidecar.read_text().split()[0] if sidecar.exists() and sidecar.read_text().strip() else None
     stream_error: VerificationFailed | None = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         digest = pool.submit(sha256_file, path) if expected else None
         try:
-            checks, _ = check_stream(spec, db, path, record, place)
+            checks, _ = check_stream(spec, db, path, record, place, decrypt=decrypt)
         except VerificationFailed as exc:
             stream_error = exc
         actual = digest.result() if digest else None
@@ -143,17 +171,17 @@ def run_backup(
     stages = engine.dump_stages(db, place)
     if kind:
         stages.append(compress.compressor(kind, db.options.get("compression_level")))
-    stages += crypto.encrypt_stages(spec)
+    inspect = ([compress.decompressor(kind)] if kind else []) + engine.inspect_stages(db, place)
     created = store.utcnow()
-    log.info("%s: %s backup started (%s)", db.name, p.tier, " | ".join(s.name for s in stages))
+    log.info("%s: %s backup started (%s)", db.name, p.tier, " | ".join(p.stages))
     started = time.monotonic()
     try:
-        result = run_pipeline(stages, FileSink(tmp), progress=progress)
+        result, plaintext = crypto.run_encrypted(spec, stages, FileSink(tmp), inspect, progress=progress)
         result.raise_for_status()
         if result.size == 0:
             raise VerificationFailed(f"{db.name}: the dump produced no bytes")
         dumped = time.monotonic()
-        checks, meta = check_stream(spec, db, tmp, {"compression": kind}, place)
+        checks, meta = check_stream(spec, db, tmp, {"compression": kind}, place, plaintext=plaintext)
         record = {
             "format": store.RECORD_FORMAT,
             "tool": TOOL,
@@ -269,6 +297,7 @@ class RunOutcome:
 
 def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = None) -> RunOutcome:
     """Back up each database, then apply its retention; carry on past failures."""
+    crypto.preflight(spec)  # a key or passphrase problem stops the run before any dump (exit 2)
     outcome = RunOutcome()
     for db in databases:
         try:

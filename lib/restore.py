@@ -63,7 +63,7 @@ def restore(
     place = engine_impl.place(db, spec.env)
     engine_impl.preflight(db, place)
     log.info("%s: verifying %s before touching any database", db.name, path)
-    checks = verify_file(spec, db, path, record, place)
+    checks = verify_file(spec, db, path, record, place, decrypt=True)
     if not store.sha256_path(path).exists():
         log.warning("%s has no .sha256 sidecar; verified its contents only", path.name)
     log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
