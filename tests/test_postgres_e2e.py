@@ -44,7 +44,9 @@ def test_round_trip_container_mode_through_docker_double(workspace, sample_db):
     assert any(call[0] == "exec" and "pg_dump" in call for call in calls)
 
     sample_db.sql("TRUNCATE messages;")
-    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes", "--drop-previous", env=env)
+    result = workspace.invoke(
+        "restore", "--engine", "postgres", "--file", "latest", "--yes", "--drop-previous", env=env
+    )
     assert result.returncode == 0, result.stderr
     assert sample_db.checksums() == before
     assert [d for d in databases_like(sample_db.name) if d != sample_db.name] == []
