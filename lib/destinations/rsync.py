@@ -204,7 +204,7 @@ class RsyncDestination(Destination):
             raise
         if proc.returncode == 0:
             return proc.stdout
-        if missing_ok and proc.returncode == 23 and "No such file or directory" in proc.stderr:
+        if missing_ok and proc.returncode in (12, 23) and "No such file or directory" in proc.stderr:  # 12: rrsync
             return None
         raise self.classify(proc.stderr, what, proc.returncode)
 
