@@ -54,14 +54,15 @@ def descendants(pid: int) -> list[int]:
 class SshServer:
     """sshd -D with its own config, host key, authorized_keys and user key in ``base``."""
 
-    def __init__(self, base: Path, extra_config: str = "") -> None:
+    def __init__(self, base: Path, extra_config: str = "", key_options: str = "") -> None:
+        """``key_options`` prefix the authorized key (e.g. 'command="rrsync DIR",restrict ')."""
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.user = getpass.getuser()
         self.host_key = keygen(base / "ssh_host_ed25519_key", "test-host")
         self.user_key = keygen(base / "id_ed25519", "test-user")
-        (base / "authorized_keys").write_text(Path(str(self.user_key) + ".pub").read_text())
+        (base / "authorized_keys").write_text(key_options + Path(str(self.user_key) + ".pub").read_text())
         self.known_hosts = base / "known_hosts"
         host_pub = Path(str(self.host_key) + ".pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")

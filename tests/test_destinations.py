@@ -23,7 +23,7 @@ from lib.destinations import configured
 from lib.destinations.base import DestinationFailed, DestinationRefused, retrying
 from lib.destinations.rsync import RsyncDestination
 
-KINDS = ["sftp", "sftp-reread", "sftp-no-shell", "rsync", "local"]
+KINDS = ["sftp", "sftp-reread", "sftp-no-shell", "rsync", "rsync-rrsync", "local"]
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +57,12 @@ def block(kind: str, server: SshServer, root: Path, name: str | None = None, **e
         }
         if kind == "sftp-reread":
             result["verify"] = "reread"
-    elif kind == "rsync":
+    elif kind.startswith("rsync"):
         result = {
             "name": name or "server",
             "type": "rsync",
-            "target": f"{server.user}@127.0.0.1:{root}",
+            # rrsync confines the account to its directory; paths are relative to it
+            "target": f"{server.user}@127.0.0.1:{'/' if kind == 'rsync-rrsync' else root}",
             "ssh": {"port": server.port, "identity_file": str(server.user_key), "known_hosts": str(server.known_hosts)},
         }
     else:
@@ -208,10 +209,13 @@ def test_retrying_backs_off_and_does_not_retry_refusals(tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_push_verifies_records_and_catches_up(kind, tmp_path, sshd, sshd_sftp_only):
+def test_push_verifies_records_and_catches_up(kind, tmp_path, sshd, sshd_sftp_only, request):
     server = server_for(kind, sshd, sshd_sftp_only)
     root = tmp_path / "remote"
     root.mkdir()
+    if kind == "rsync-rrsync":  # a restricted account: only rsync, only inside root
+        server = SshServer(tmp_path / "sshd", key_options=f'command="rrsync {root}",restrict ').start()
+        request.addfinalizer(server.stop)
     spec = write_spec(tmp_path, [block(kind, server, root)])
     first = make_backup(spec.backup_dir, timedelta(hours=30))
     second = make_backup(spec.backup_dir, timedelta(hours=2))
