@@ -40,7 +40,7 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
             print(plan(spec, item, tier).describe())
         return
     outcome = backup_many(spec, databases, tier)
-    if outcome.failed:
+    if outcome.exit_code:
         raise Exit(outcome.summary(), code=outcome.exit_code)
     print(outcome.summary())
 
@@ -54,17 +54,20 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
         "yes": "Do not ask for confirmation (required without a terminal, e.g. from cron).",
         "drop_previous": "postgres: drop the replaced database instead of keeping it as <db>_pre_restore_<time>; "
         "mongodb: delete the safety archive after a verified restore.",
+        "from": "Download the backup from this destination (see invoke list --dest NAME) and verify it first.",
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def restore(c, engine=None, file=None, db=None, into=None, yes=False, drop_previous=False, config=None):
+def restore(c, engine=None, file=None, db=None, into=None, yes=False, drop_previous=False, config=None, from_=None):
     """Verify a backup, then restore it safely: into a new database, checked, then swapped in."""
     if not engine or not file:
         raise InputError("restore needs --engine postgres|mongodb and --file PATH|latest")
     spec = spec_and_log(config)
     ask = confirm_on_terminal(yes)
-    summary = restore_db(spec, engine, file, db_name=db, into=into, drop_previous=drop_previous, confirm=ask)
+    summary = restore_db(
+        spec, engine, file, db_name=db, into=into, drop_previous=drop_previous, confirm=ask, from_dest=from_
+    )
     print(
         f"restored {summary['file']} into {summary['target']}"
         + (f"; previous database kept as {summary['previous']}" if summary.get("previous") else "")
@@ -84,12 +87,21 @@ def validate(c, config=None):
 @task(
     name="list",
     iterable=["db"],
-    help={"db": "Only this database; repeatable.", "config": CONFIG_HELP},
+    help={
+        "db": "Only this database; repeatable.",
+        "dest": "List what this off-site destination holds instead of the local backups.",
+        "config": CONFIG_HELP,
+    },
 )
 @guarded
-def list_(c, db=None, config=None):
+def list_(c, db=None, dest=None, config=None):
     """List stored backups per database and tier, newest first, with size, age and verified state."""
     spec = spec_and_log(config, with_file_log=False)
+    if dest:
+        from lib.offsite import listing_lines
+
+        print("\n".join(listing_lines(spec, dest, spec.select(db))))
+        return
     now = store.utcnow()
     for item in spec.select(db):
         backups = store.list_backups(spec.backup_dir, item.name)
@@ -239,3 +251,26 @@ def keys(c, config=None):
     if problems:
         more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
         raise InputError(problems[0] + more)
+
+
+@task(
+    iterable=["dest", "db"],
+    help={
+        "dest": "Only this destination (a name under 'destinations:'); repeatable.",
+        "db": "Only this database; repeatable.",
+        "dry_run": "Only print what would be copied and deleted.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def offsite(c, dest=None, db=None, dry_run=False, config=None):
+    """Copy to each destination whatever verified backups it is missing, then apply its retention. Exit 1 on failure."""
+    from lib.offsite import sync
+
+    spec = spec_and_log(config, with_file_log=not dry_run)
+    if not spec.destinations:
+        raise InputError(f"{spec.config_path} has no destinations; add one under 'destinations:' (see README)")
+    failures = sync(spec, spec.select(db), dest or None, dry_run=dry_run)
+    if failures:
+        raise Exit("FAILED: off-site copy: " + "; ".join(failures), code=1)
+    print("off-site copies are up to date" if not dry_run else "dry run: nothing was copied or deleted")

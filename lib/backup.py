@@ -281,28 +281,35 @@ class RunOutcome:
 
     made: dict[str, store.Backup] = field(default_factory=dict)
     failed: dict[str, ToolError] = field(default_factory=dict)
+    offsite_failed: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         """0 all good; 2 when every failure was bad input (nothing attempted); else 1."""
         if not self.failed:
-            return 0
+            return 1 if self.offsite_failed else 0
         return 2 if all(exc.exit_code == 2 for exc in self.failed.values()) else 1
 
     def summary(self) -> str:
         total = len(self.made) + len(self.failed)
         text = f"summary: {len(self.made)} of {total} database(s) backed up"
-        return text + (f"; failed: {', '.join(self.failed)}" if self.failed else "")
+        text += f"; failed: {', '.join(self.failed)}" if self.failed else ""
+        if self.offsite_failed:
+            text += f"; off-site copies FAILED (local backups kept): {'; '.join(self.offsite_failed)}"
+        return text
 
 
 def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = None) -> RunOutcome:
-    """Back up each database, then apply its retention; carry on past failures."""
+    """Back up each database, apply its retention, copy it off-site; carry on past failures."""
+    from lib.offsite import push_all
+
     crypto.preflight(spec)  # a key or passphrase problem stops the run before any dump (exit 2)
     outcome = RunOutcome()
     for db in databases:
         try:
             outcome.made[db.name] = run_backup(spec, db, tier)
             prune(spec, db)
+            outcome.offsite_failed += push_all(spec, outcome.made[db.name])
         except ToolError as exc:
             outcome.failed[db.name] = exc
             log.error("%s: backup FAILED: %s", db.name, exc)

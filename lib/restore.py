@@ -41,14 +41,25 @@ def restore(
     into: str | None = None,
     drop_previous: bool = False,
     confirm: Callable[[str], bool] | None = None,
+    from_dest: str | None = None,
 ) -> dict[str, Any]:
     """Restore ``file_arg`` ('latest' or a path) of the chosen database.
+
+    With ``from_dest``, ``file_arg`` ('latest' or a file name) is downloaded from that destination
+    into a private temporary directory, its sha256 checked, then restored as below.
 
     ``confirm(question)`` is asked after verification and before anything is touched; returning
     False aborts with InputError. Raises InputError for bad input, RunFailed/VerificationFailed
     when the restore or its checks fail (the target is then left as it was).
     """
     db = pick_database(spec, engine, db_name)
+    if from_dest:
+        from lib.offsite import fetched
+
+        with fetched(spec, db, from_dest, file_arg) as (local, remote):
+            summary = restore(spec, engine, str(local), db.name, into, drop_previous, confirm)
+        summary["file"] = f"{from_dest}:{remote.path}"
+        return summary
     path = find_file(spec, db, file_arg)
     backup = store.load(path)
     record = backup.record if backup else None

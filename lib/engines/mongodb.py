@@ -295,7 +295,12 @@ class MongoDB(Engine):
             raise RunFailed("no place for a safety archive was given; refusing to restore in place")
         directory = store.ensure_dir(request.safety_dir)
         stamp = store.utcnow().strftime("%Y%m%d_%H%M%S")
-        path = directory / f"pre_restore_{re.sub(r'[^A-Za-z0-9_.-]', '_', target)}_{stamp}.archive"
+        base = f"pre_restore_{re.sub(r'[^A-Za-z0-9_.-]', '_', target)}_{stamp}"
+        path = directory / f"{base}.archive"
+        counter = 1
+        while path.exists():  # never overwrite an older safety archive (it may be the restore's source)
+            counter += 1
+            path = directory / f"{base}_{counter}.archive"
         tmp = directory / f"{store.TEMP_PREFIX}{path.name}"
         created = store.utcnow()
         try:

@@ -149,8 +149,8 @@ class Postgres(Engine):
         maint = db.options.get("maintenance_database", "postgres")
         stamp = utcnow().strftime("%Y%m%d_%H%M%S")
         target = request.target
-        temp = f"{target}_restoring_{stamp}"[:63]
-        previous = f"{target}_pre_restore_{stamp}"[:63]
+        temp = self.derived_name(target, f"_restoring_{stamp}")
+        previous = self.derived_name(target, f"_pre_restore_{stamp}")
         exists = (
             self.psql(
                 db,
@@ -212,6 +212,13 @@ class Postgres(Engine):
             "rows": sum(counts.values()),
             "seconds": round(seconds, 3),
         }
+
+    @staticmethod
+    def derived_name(target: str, suffix: str) -> str:
+        """target + suffix within PostgreSQL's 63-byte identifier limit, cutting the target, never the suffix."""
+        room = 63 - len(suffix.encode())
+        head = target.encode()[:room].decode("utf-8", "ignore")
+        return head + suffix
 
     def _load(self, request: RestoreRequest, temp: str) -> None:
         db, place = request.db, request.place
