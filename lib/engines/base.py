@@ -82,3 +82,8 @@ class Engine:
     def restore(self, request: RestoreRequest) -> dict[str, Any]:
         """Restore safely (never leaving the target destroyed on failure). Returns a summary."""
         raise NotImplementedError
+
+    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> None:
+        """Drop database ``name`` if it exists (restore drills' throwaways). Optional: engines
+        without it cannot run drills."""
+        raise NotImplementedError
