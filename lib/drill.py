@@ -47,8 +47,12 @@ def fetcher(spec: Spec, dest: str) -> Callable[..., Path]:
 
 
 @contextlib.contextmanager
-def workdir(spec: Spec) -> Iterator[Path]:
-    """A private temp directory inside backup_dir (same filesystem, same protection), removed after."""
+def workdir(spec: Spec, needed: bool = True) -> Iterator[Path | None]:
+    """A private temp directory inside backup_dir (same filesystem, same protection), removed
+    after; None when not ``needed`` (local backups need no download space)."""
+    if not needed:
+        yield None
+        return
     store.ensure_dir(spec.backup_dir)
     path = Path(tempfile.mkdtemp(prefix=".fetch-", dir=spec.backup_dir))
     try:
@@ -57,7 +61,7 @@ def workdir(spec: Spec) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def locate(spec: Spec, db: DatabaseSpec, source: str | None, work: Path) -> str:
+def locate(spec: Spec, db: DatabaseSpec, source: str | None, work: Path | None) -> str:
     """The --file argument for restore: 'latest' locally, or the path fetched from ``source``."""
     if source is None:
         return "latest"
@@ -85,7 +89,7 @@ def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[s
     started = time.monotonic()
     log.info("%s: restore drill into throwaway database %s", db.name, target)
     try:
-        with workdir(spec) as work:
+        with workdir(spec, needed=source is not None) as work:
             file_arg = locate(spec, db, source, work)
             summary = restore(spec, db.engine, file_arg, db_name=db.name, into=target, confirm=None)
             backup = store.load(Path(summary["file"]))

@@ -50,7 +50,7 @@ def restore_all(
     outcome = RecoveryOutcome()
     for db in databases:
         try:
-            with workdir(spec) as work:
+            with workdir(spec, needed=source is not None) as work:
                 file_arg = locate(spec, db, source, work)
                 outcome.restored[db.name] = restore(
                     spec, db.engine, file_arg, db_name=db.name, drop_previous=drop_previous, confirm=None

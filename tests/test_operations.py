@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -571,3 +572,32 @@ def test_cron_output_is_logged_once(workspace, sample_db):
     assert proc.returncode == 0
     lines = [line for line in log.read_text().splitlines() if "backup started" in line]
     assert len(lines) == 1, log.read_text()
+
+
+def test_drill_and_restore_all_from_a_destination_use_fetch_latest(workspace, sample_db):
+    """With the off-site feature's fetch_latest (a double here), --from fetches instead of using local files."""
+    remote = workspace.path / "remote"
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    backup_ok(workspace)
+    (remote / "nas").mkdir(parents=True)
+    shutil.move(workspace.backup_dir / "pg", remote / "nas" / "pg")  # the machine lost its local backups
+    config = workspace.postgres_config(sample_db.name)
+    config["destinations"] = [{"name": "nas"}]
+    workspace.write_config(config)
+    env = {"PYTHONPATH": str(DOUBLES / "offsite_fetch"), "FAKE_REMOTE": str(remote)}
+
+    unknown = workspace.invoke("drill", "--from", "cloud", env=env)
+    assert unknown.returncode == 2 and "no such destination" in unknown.stderr
+
+    result = workspace.invoke("drill", "--from", "nas", env=env)
+    assert result.returncode == 0, result.stderr
+    drills = json.loads((workspace.backup_dir / "pg" / "drills.json").read_text())["drills"]
+    assert drills[0]["ok"] is True and drills[0]["source"] == "nas" and drills[0]["rows"] == 920
+
+    before = sample_db.checksums()
+    sample_db.sql("DROP TABLE users CASCADE;")
+    result = workspace.invoke("restore", "--all", "--from", "nas", "--yes", "--drop-previous", env=env)
+    assert result.returncode == 0, result.stderr
+    assert sample_db.checksums() == before
+    assert (remote / "fetches.log").read_text() == "nas pg\nnas pg\n"
+    assert not list(workspace.backup_dir.glob(".fetch-*"))  # downloads are cleaned up
