@@ -6,15 +6,17 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from lib import store
-from lib.backup import backup_many, plan
+from lib.backup import plan
 from lib.backup import prune as prune_db
 from lib.cli import confirm_on_terminal, guarded, parse_tier, spec_and_log
 from lib.config import load_spec
 from lib.errors import InputError
 from lib.log import get as get_log
+from lib.ops import after_prune, locked, run_backups
 from lib.restore import restore as restore_db
 
 CONFIG_HELP = "Path to backup.yml (default: $BACKUP_CONFIG, then ./backup.yml)."
+WAIT_HELP = "When another run holds the lock in backup_dir, wait up to SECONDS for it (default: exit 1 at once)."
 
 
 @task(
@@ -24,11 +26,12 @@ CONFIG_HELP = "Path to backup.yml (default: $BACKUP_CONFIG, then ./backup.yml)."
         "db": "Back up this database (the name under 'databases:'); repeatable.",
         "tier": "Force the tier: daily, weekly or monthly (default: from today's date and schedule).",
         "dry_run": "Print the plan (files, stages) without dumping anything.",
+        "wait": WAIT_HELP,
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
+def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=None):
     """Dump, compress, verify, encrypt and store backups, then apply retention. Exit 1 if any failed."""
     if not all and not db:
         raise InputError("say what to back up: --all or --db NAME")
@@ -39,7 +42,7 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
         for item in databases:
             print(plan(spec, item, tier).describe())
         return
-    outcome = backup_many(spec, databases, tier)
+    outcome = run_backups(spec, databases, tier, wait=wait)
     if outcome.exit_code:
         raise Exit(outcome.summary(), code=outcome.exit_code)
     print(outcome.summary())
@@ -54,20 +57,38 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, config=None):
         "yes": "Do not ask for confirmation (required without a terminal, e.g. from cron).",
         "drop_previous": "postgres: drop the replaced database instead of keeping it as <db>_pre_restore_<time>; "
         "mongodb: delete the safety archive after a verified restore.",
-        "from": "Download the backup from this destination (see invoke list --dest NAME) and verify it first.",
+        "all": "Disaster recovery: restore every configured database from its newest verified backup (--file latest).",
+        "from_": "Download the backup (--file latest or a file name from invoke list --dest NAME) from this "
+        "off-site destination and verify it first; with --all, every database's newest verified copy.",
+        "wait": WAIT_HELP,
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def restore(c, engine=None, file=None, db=None, into=None, yes=False, drop_previous=False, config=None, from_=None):
+def restore(
+    c,
+    engine=None,
+    file=None,
+    db=None,
+    into=None,
+    yes=False,
+    drop_previous=False,
+    all=False,
+    from_=None,
+    wait=None,
+    config=None,
+):
     """Verify a backup, then restore it safely: into a new database, checked, then swapped in."""
+    if all:
+        return restore_latest(engine, file, db, into, yes, drop_previous, all, from_, wait, config)
     if not engine or not file:
         raise InputError("restore needs --engine postgres|mongodb and --file PATH|latest")
     spec = spec_and_log(config)
     ask = confirm_on_terminal(yes)
-    summary = restore_db(
-        spec, engine, file, db_name=db, into=into, drop_previous=drop_previous, confirm=ask, from_dest=from_
-    )
+    with locked(spec, f"restore {db or engine}", wait):
+        summary = restore_db(
+            spec, engine, file, db_name=db, into=into, drop_previous=drop_previous, confirm=ask, from_dest=from_
+        )
     print(
         f"restored {summary['file']} into {summary['target']}"
         + (f"; previous database kept as {summary['previous']}" if summary.get("previous") else "")
@@ -124,16 +145,18 @@ def list_(c, db=None, dest=None, config=None):
     help={
         "file": "Verify only this file (default: every stored backup).",
         "db": "Only this database; repeatable.",
+        "wait": WAIT_HELP,
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def verify(c, file=None, db=None, config=None):
+def verify(c, file=None, db=None, wait=None, config=None):
     """Re-verify stored backups: checksum, compression integrity, dump completeness. Exit 1 on any failure."""
     from lib.verify import verify_stored
 
     spec = spec_and_log(config)
-    bad = verify_stored(spec, file=file, names=db, log=get_log())
+    with locked(spec, "verify", wait):
+        bad = verify_stored(spec, file=file, names=db, log=get_log())
     if bad:
         raise Exit(f"FAILED: {bad} backup(s) failed verification", code=1)
 
@@ -143,14 +166,20 @@ def verify(c, file=None, db=None, config=None):
     help={
         "dry_run": "Only print what would be deleted.",
         "db": "Only this database; repeatable.",
+        "wait": WAIT_HELP,
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def prune(c, dry_run=False, db=None, config=None):
+def prune(c, dry_run=False, db=None, wait=None, config=None):
     """Apply retention now: delete backups older than their tier's keep_days (never the newest verified one)."""
     spec = spec_and_log(config, with_file_log=not dry_run)
-    total = sum(len(prune_db(spec, item, dry_run=dry_run)) for item in spec.select(db))
+    if dry_run:
+        total = sum(len(prune_db(spec, item, dry_run=True)) for item in spec.select(db))
+    else:
+        with locked(spec, "prune", wait):
+            total = sum(len(prune_db(spec, item)) for item in spec.select(db))
+        after_prune(spec)
     print(f"{'would delete' if dry_run else 'deleted'} {total} backup(s)")
 
 
@@ -161,6 +190,125 @@ def demo(c, keep=False):
     from lib.demo import run_demo
 
     run_demo(keep=keep)
+
+
+# -- operations: status, drills, disaster recovery, scheduling ---------------------------------
+
+
+def restore_latest(engine, file, db, into, yes, drop_previous, all, from_, wait, config):
+    """restore --all (every database) or --from DEST (one database): the newest verified backup."""
+    from lib.drill import fetcher
+    from lib.recover import restore_all
+
+    if (file or "latest") != "latest":
+        raise InputError("--all and --from restore the newest verified backup; pass --file latest (or leave it out)")
+    if all and (engine or db or into):
+        raise InputError("--all restores every configured database; drop --engine, --db and --into")
+    if into:
+        raise InputError("--into cannot be combined with --all or --from; restore, then rename")
+    spec = spec_and_log(config)
+    if from_:
+        fetcher(spec, from_)  # refuse early when off-site fetch is unavailable
+    if all:
+        databases = spec.select(None)
+    else:
+        if not engine:
+            raise InputError("restore needs --engine postgres|mongodb (or --all)")
+        from lib.restore import pick_database
+
+        databases = [pick_database(spec, engine, db)]
+    ask = confirm_on_terminal(yes)
+    names = ", ".join(d.name for d in databases)
+    where = f"off-site destination {from_}" if from_ else "local backups"
+    if ask is not None and not ask(f"Restore {names} from the newest verified backups ({where})?"):
+        raise InputError("restore cancelled; nothing was touched")
+    with locked(spec, f"restore {'--all' if all else names}", wait):
+        outcome = restore_all(spec, databases, source=from_, drop_previous=drop_previous)
+    if outcome.failed:
+        raise Exit(outcome.summary(), code=outcome.exit_code)
+    print(outcome.summary())
+
+
+@task(
+    iterable=["db"],
+    help={
+        "json": "Print the documented JSON report instead of text.",
+        "db": "Only this database; repeatable.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def status(c, json=False, db=None, config=None):
+    """Newest backups, age, size, verified state, off-site copies, last run and drill. Exit 1 on a problem."""
+    import json as jsonlib
+
+    from lib.status import collect, render_text
+
+    spec = spec_and_log(config, with_file_log=False)
+    report = collect(spec, db)
+    print(jsonlib.dumps(report, indent=2, sort_keys=True) if json else render_text(report))
+    if not report["ok"]:
+        raise Exit(code=1)
+
+
+@task(
+    iterable=["db"],
+    help={
+        "db": "Drill only this database; repeatable (default: every database).",
+        "from_": "Fetch the newest verified backup from this off-site destination instead of using the local one.",
+        "wait": WAIT_HELP,
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def drill(c, db=None, from_=None, wait=None, config=None):
+    """Prove restorability: restore the newest verified backup into a throwaway database, compare row counts, drop it."""
+    from lib.drill import run_drills, summary
+
+    spec = spec_and_log(config)
+    databases = spec.select(db)
+    with locked(spec, "drill", wait):
+        results = run_drills(spec, databases, source=from_)
+    if any(not r["ok"] for r in results.values()):
+        raise Exit("FAILED: " + summary(results), code=1)
+    print(summary(results))
+
+
+@task(
+    name="setup-cron",
+    help={
+        "systemd": "Print a systemd service + timer pair (Persistent=true) instead of touching the crontab.",
+        "install": "With --systemd: write the units to /etc/systemd/system (needs root).",
+        "remove": "Remove this config's crontab entry instead of installing it.",
+        "dry_run": "Print the crontab that would be installed without installing it.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def setup_cron(c, systemd=False, install=False, remove=False, dry_run=False, config=None):
+    """Install or update (idempotently) the crontab entry running 'backup --all' on schedule.cron (default 0 2 * * *)."""
+    from lib import schedule
+
+    spec = load_spec(config)
+    if install and not systemd:
+        raise InputError("--install goes with --systemd; the crontab is installed without it")
+    if systemd:
+        if install:
+            for path in schedule.install_systemd(spec):
+                print(f"wrote {path}")
+            print(f"now run: systemctl daemon-reload && systemctl enable --now {schedule.UNIT}.timer")
+            return
+        for name, text in schedule.systemd_units(spec).items():
+            print(f"# /etc/systemd/system/{name}\n{text}")
+        return
+    table, changed = schedule.setup_cron(spec, remove=remove, dry_run=dry_run)
+    if dry_run:
+        print(table, end="")
+        return
+    verb = "removed" if remove else "installed"
+    print(f"crontab entry {verb}" if changed else "crontab already up to date")
+    if not remove:
+        print(schedule.cron_line(spec))
 
 
 @task(
@@ -259,18 +407,22 @@ def keys(c, config=None):
         "dest": "Only this destination (a name under 'destinations:'); repeatable.",
         "db": "Only this database; repeatable.",
         "dry_run": "Only print what would be copied and deleted.",
+        "wait": WAIT_HELP,
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def offsite(c, dest=None, db=None, dry_run=False, config=None):
+def offsite(c, dest=None, db=None, dry_run=False, wait=None, config=None):
     """Copy to each destination whatever verified backups it is missing, then apply its retention. Exit 1 on failure."""
     from lib.offsite import sync
 
     spec = spec_and_log(config, with_file_log=not dry_run)
     if not spec.destinations:
         raise InputError(f"{spec.config_path} has no destinations; add one under 'destinations:' (see README)")
-    failures = sync(spec, spec.select(db), dest or None, dry_run=dry_run)
+    with locked(spec, "offsite", wait):
+        failures = sync(spec, spec.select(db), dest or None, dry_run=dry_run)
+        if not dry_run:
+            after_prune(spec)  # copies and remote deletions change the destination-lag metrics
     if failures:
         raise Exit("FAILED: off-site copy: " + "; ".join(failures), code=1)
     print("off-site copies are up to date" if not dry_run else "dry run: nothing was copied or deleted")

@@ -14,9 +14,11 @@ from typing import Any
 
 from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
+from lib.diskguard import check_free_space
 from lib.engines import get_engine
 from lib.errors import InputError, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
+from lib.progress import progress as progress_line
 from lib.stream import FileSink, Stage, TailSink, run_pipeline, sha256_file
 
 TOOL = "lemon-backup"
@@ -282,6 +284,7 @@ class RunOutcome:
     made: dict[str, store.Backup] = field(default_factory=dict)
     failed: dict[str, ToolError] = field(default_factory=dict)
     offsite_failed: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -306,11 +309,15 @@ def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = No
     crypto.preflight(spec)  # a key or passphrase problem stops the run before any dump (exit 2)
     outcome = RunOutcome()
     for db in databases:
+        started = time.monotonic()
         try:
-            outcome.made[db.name] = run_backup(spec, db, tier)
+            check_free_space(spec, db)
+            with progress_line(f"{db.name}: dump") as show:
+                outcome.made[db.name] = run_backup(spec, db, tier, progress=show)
             prune(spec, db)
             outcome.offsite_failed += push_all(spec, outcome.made[db.name])
         except ToolError as exc:
             outcome.failed[db.name] = exc
             log.error("%s: backup FAILED: %s", db.name, exc)
+        outcome.seconds[db.name] = time.monotonic() - started
     return outcome

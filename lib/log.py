@@ -33,7 +33,18 @@ def setup(backup_dir: Path | None = None, verbose: bool = False) -> logging.Logg
         path = backup_dir / "backup.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.close(fd)
+        if _is_stderr(path):
+            return logger  # cron's ">> backup.log 2>&1": the console line already lands there
         handler = logging.FileHandler(path, encoding="utf-8")
         handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         logger.addHandler(handler)
     return logger
+
+
+def _is_stderr(path: Path) -> bool:
+    """True when stderr is the file at ``path`` (so writing both would log every line twice)."""
+    try:
+        ours, theirs = os.fstat(sys.stderr.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)

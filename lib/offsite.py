@@ -197,13 +197,25 @@ def fetched(spec: Spec, db: DatabaseSpec, dest_name: str, file_arg: str) -> Iter
     size and sha256; yields (local path, remote backup). The directory is removed afterwards."""
     work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=store.ensure_dir(spec.backup_dir)))
     try:
-        with destinations.get(spec, dest_name) as dest:
-            listing = retrying(dest, functools.partial(dest.list, db.name), "listing")
-            remote = choose(listing.backups, file_arg, dest.name)
-            log.info("%s: downloading %s/%s/%s", dest.name, db.name, remote.tier, remote.file)
-            path = retrying(dest, functools.partial(dest.fetch, remote, work), f"download of {remote.file}")
-        check_fetched(remote, path)
-        log.info("%s: downloaded %s (%s), sha256 matches", dest.name, remote.file, store.human_size(remote.size))
-        yield path, remote
+        yield fetch_into(spec, db, dest_name, file_arg, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def fetch_into(spec: Spec, db: DatabaseSpec, dest_name: str, file_arg: str, work: Path) -> tuple[Path, RemoteBackup]:
+    """Download ``file_arg`` ('latest' or a file name) of ``db`` from ``dest_name`` with its sidecars
+    into ``work`` and check size and sha256. Returns (local path, remote backup)."""
+    with destinations.get(spec, dest_name) as dest:
+        listing = retrying(dest, functools.partial(dest.list, db.name), "listing")
+        remote = choose(listing.backups, file_arg, dest.name)
+        log.info("%s: downloading %s/%s/%s", dest.name, db.name, remote.tier, remote.file)
+        path = retrying(dest, functools.partial(dest.fetch, remote, work), f"download of {remote.file}")
+    check_fetched(remote, path)
+    log.info("%s: downloaded %s (%s), sha256 matches", dest.name, remote.file, store.human_size(remote.size))
+    return path, remote
+
+
+def fetch_latest(spec: Spec, dest_name: str, db_name: str, workdir: Path) -> Path:
+    """The newest verified copy of database ``db_name`` on ``dest_name``, downloaded and checked into
+    ``workdir`` (used by drills and restore --all --from)."""
+    return fetch_into(spec, spec.select([db_name])[0], dest_name, "latest", workdir)[0]

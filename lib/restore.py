@@ -12,6 +12,7 @@ from lib.config import DatabaseSpec, Spec
 from lib.engines import get_engine
 from lib.engines.base import RestoreRequest
 from lib.errors import InputError
+from lib.progress import watch_reads
 
 log = logging.getLogger("backup")
 
@@ -74,7 +75,8 @@ def restore(
     place = engine_impl.place(db, spec.env)
     engine_impl.preflight(db, place)
     log.info("%s: verifying %s before touching any database", db.name, path)
-    checks = verify_file(spec, db, path, record, place, decrypt=True)
+    with watch_reads(path, f"{db.name}: verify"):
+        checks = verify_file(spec, db, path, record, place, decrypt=True)
     if not store.sha256_path(path).exists():
         log.warning("%s has no .sha256 sidecar; verified its contents only", path.name)
     log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
@@ -95,7 +97,8 @@ def restore(
         safety_dir=store.safety_dir(spec.backup_dir, db.name),
         config_path=spec.config_path,
     )
-    summary = engine_impl.restore(request)
+    with watch_reads(path, f"{db.name}: restore"):
+        summary = engine_impl.restore(request)
     summary.update({"file": str(path), "checks": checks, "database": db.name})
     log.info(
         "%s: restored %s into %s (%s %s, %s %s, %.1fs)",

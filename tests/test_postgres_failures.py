@@ -21,7 +21,8 @@ def assert_one_line_error(result, code, *needles):
 
 
 def no_files_left(workspace):
-    found = [p for p in workspace.backup_dir.rglob("*") if p.is_file() and p.name != "backup.log"]
+    operational = {"backup.log", ".lock", "last_run.json"}  # log, run lock, run history
+    found = [p for p in workspace.backup_dir.rglob("*") if p.is_file() and p.name not in operational]
     return found == []
 
 

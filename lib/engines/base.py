@@ -102,3 +102,8 @@ class Engine:
         and ``rows`` (number of containers and items restored, in this engine's ``units``) and
         ``seconds``."""
         raise NotImplementedError
+
+    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> None:
+        """Drop database ``name`` if it exists (restore drills' throwaways). Optional: engines
+        without it cannot run drills."""
+        raise NotImplementedError

@@ -292,6 +292,10 @@ class Postgres(Engine):
             raise
         self.psql(db, place, maint, f"ALTER DATABASE {p} WITH ALLOW_CONNECTIONS true;", "psql (unblock previous)")
 
+    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> None:
+        """Drop ``name`` (if it exists) via the maintenance database; errors are ignored."""
+        self._drop(db, place, db.options.get("maintenance_database", "postgres"), name)
+
     def _drop(self, db: DatabaseSpec, place: Place, maint: str, name: str) -> None:
         try:
             self.psql(db, place, maint, f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE);", "psql (drop)")

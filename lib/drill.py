@@ -1,0 +1,145 @@
+"""Restore drills (invoke drill): prove that the newest verified backup of each database restores.
+
+For each database: take the newest verified backup (local, or fetched from a destination with
+``--from``), verify it, restore it with the normal restore road into a throwaway database
+``<database>_drill_<time>``, which checks every table's row count against the backup's record,
+then always drop the throwaway. Each result is appended to ``<backup_dir>/<name>/drills.json``
+so status and metrics show when a database was last proven restorable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lib import history, store
+from lib.config import DatabaseSpec, Spec
+from lib.engines import get_engine
+from lib.engines.base import Engine
+from lib.errors import EnvironmentProblem, InputError, ToolError
+from lib.metrics import write_metrics
+from lib.notify import Notifier, RunReport
+from lib.restore import restore
+from lib.status import destination_names
+
+log = logging.getLogger("backup")
+
+
+def fetcher(spec: Spec, dest: str) -> Callable[..., Path]:
+    """lib.destinations.fetch_latest(spec, dest_name, db_name, workdir) -> Path, when this build
+    has it. Raises InputError when off-site fetch is unavailable or ``dest`` is not configured."""
+    from lib.offsite import fetch_latest
+
+    if dest not in destination_names(spec):
+        known = ", ".join(destination_names(spec)) or "none"
+        raise InputError(f"--from {dest}: no such destination in backup.yml; configured: {known}")
+    return fetch_latest
+
+
+@contextlib.contextmanager
+def workdir(spec: Spec, needed: bool = True) -> Iterator[Path | None]:
+    """A private temp directory inside backup_dir (same filesystem, same protection), removed
+    after; None when not ``needed`` (local backups need no download space)."""
+    if not needed:
+        yield None
+        return
+    store.ensure_dir(spec.backup_dir)
+    path = Path(tempfile.mkdtemp(prefix=".fetch-", dir=spec.backup_dir))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def locate(spec: Spec, db: DatabaseSpec, source: str | None, work: Path | None) -> str:
+    """The --file argument for restore: 'latest' locally, or the path fetched from ``source``."""
+    if source is None:
+        return "latest"
+    return str(fetcher(spec, source)(spec, source, db.name, work))
+
+
+def throwaway_name(db: DatabaseSpec) -> str:
+    """'<database>_drill_<UTC time>', short enough for the engine's own temp suffixes."""
+    return f"{db.database[:24]}_drill_{store.utcnow().strftime('%Y%m%d_%H%M%S')}"
+
+
+def supports_drills(engine: Engine) -> bool:
+    return type(engine).drop_database is not Engine.drop_database
+
+
+def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[str, Any]:
+    """Drill one database; returns the recorded result (``ok`` False with ``error`` on failure).
+    Raises EnvironmentProblem when the engine cannot drill, InputError for a bad --from."""
+    engine = get_engine(db.engine)
+    if not supports_drills(engine):
+        raise EnvironmentProblem(f"{db.name}: the {db.engine} engine cannot run restore drills yet")
+    target = throwaway_name(db)
+    place = engine.place(db, spec.env)
+    result: dict[str, Any] = {"ok": False, "source": source or "local", "target": target}
+    started = time.monotonic()
+    log.info("%s: restore drill into throwaway database %s", db.name, target)
+    try:
+        with workdir(spec, needed=source is not None) as work:
+            file_arg = locate(spec, db, source, work)
+            summary = restore(spec, db.engine, file_arg, db_name=db.name, into=target, confirm=None)
+            backup = store.load(Path(summary["file"]))
+            result.update(
+                ok=True,
+                file=Path(summary["file"]).name,
+                backup_created=backup.record.get("created") if backup else None,
+                restore_seconds=summary.get("seconds"),
+                tables=summary.get("tables"),
+                rows=summary.get("rows"),
+            )
+    except ToolError as exc:
+        result.update(error=str(exc), stage=history.stage_of(exc, "restore"))
+    finally:
+        engine.drop_database(db, place, target)
+    result["seconds"] = round(time.monotonic() - started, 3)
+    result["at"] = store.iso(store.utcnow())
+    history.record_drill(spec.backup_dir, db.name, result)
+    if result["ok"]:
+        log.info(
+            "%s: drill PASSED: %s restored in %.1fs, %s tables / %s rows match the record; dropped %s",
+            db.name,
+            result["file"],
+            result["restore_seconds"] or 0,
+            result["tables"],
+            result["rows"],
+            target,
+        )
+    else:
+        log.error("%s: drill FAILED: %s (throwaway %s dropped)", db.name, result["error"], target)
+    return result
+
+
+def run_drills(spec: Spec, databases: list[DatabaseSpec], source: str | None = None) -> dict[str, dict[str, Any]]:
+    """Drill each database in turn; write metrics and run the notify hooks (no pings: the ping
+    URL watches the backup schedule). Returns name -> result."""
+    if source is not None:
+        fetcher(spec, source)  # refuse a bad --from before anything runs
+    notifier = Notifier(spec, "drill", pings=False)
+    started = time.monotonic()
+    results = {db.name: drill_one(spec, db, source) for db in databases}
+    write_metrics(spec)
+    failed = {name: _DrillFailed(r["error"]) for name, r in results.items() if not r["ok"]}
+    notifier.finish(RunReport("drill", list(results), failed, summary(results), time.monotonic() - started))
+    return results
+
+
+class _DrillFailed(ToolError):
+    """A drill's failure as hooks see it (stage 'drill')."""
+
+
+def summary(results: dict[str, dict[str, Any]]) -> str:
+    """'drill summary: 1 of 2 database(s) proven restorable; failed: x'."""
+    passed = [n for n, r in results.items() if r["ok"]]
+    failed = [n for n, r in results.items() if not r["ok"]]
+    text = f"drill summary: {len(passed)} of {len(results)} database(s) proven restorable"
+    return text + (f"; failed: {', '.join(failed)}" if failed else "")

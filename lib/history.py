@@ -1,0 +1,96 @@
+"""What happened in past runs, for status and metrics: ``<backup_dir>/<name>/last_run.json``
+(the last backup attempt, successful or not, and run counters) and ``<backup_dir>/<name>/drills.json``
+(the last drills). Failed runs leave no backup record, so this is where they are remembered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lib import store
+from lib.errors import InputError, LockHeld, StageFailed, ToolError, VerificationFailed
+
+LAST_RUN = "last_run.json"
+DRILLS = "drills.json"
+DRILLS_KEPT = 20
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    store.ensure_dir(path.parent)
+    store.write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def stage_of(exc: ToolError, default: str = "backup") -> str:
+    """Which step failed, for hooks and state: the pipeline stage, 'verify', 'lock', 'preflight'."""
+    if isinstance(exc, StageFailed):
+        return exc.stage
+    if isinstance(exc, VerificationFailed):
+        return "verify"
+    if isinstance(exc, LockHeld):
+        return "lock"
+    if isinstance(exc, InputError):
+        return "preflight"
+    return default
+
+
+def last_run(backup_dir: Path, name: str) -> dict[str, Any] | None:
+    """The last backup attempt of database ``name``, or None."""
+    return _read(backup_dir / name / LAST_RUN)
+
+
+def record_run(
+    backup_dir: Path,
+    name: str,
+    ok: bool,
+    seconds: float,
+    backup: store.Backup | None = None,
+    error: ToolError | None = None,
+) -> dict[str, Any]:
+    """Remember one backup attempt of ``name`` (and count it). Returns the stored entry."""
+    previous = last_run(backup_dir, name) or {}
+    runs = dict(previous.get("runs") or {})
+    status = "success" if ok else "failure"
+    runs[status] = int(runs.get(status, 0)) + 1
+    entry: dict[str, Any] = {
+        "status": status,
+        "finished": store.iso(store.utcnow()),
+        "seconds": round(seconds, 3),
+        "runs": {"success": int(runs.get("success", 0)), "failure": int(runs.get("failure", 0))},
+    }
+    if backup is not None:
+        entry.update({"file": backup.path.name, "size": backup.record.get("size")})
+    if error is not None:
+        entry.update({"error": str(error)[:500], "stage": stage_of(error)})
+    _write(backup_dir / name / LAST_RUN, entry)
+    return entry
+
+
+def drills(backup_dir: Path, name: str) -> list[dict[str, Any]]:
+    """Past drills of ``name``, newest first."""
+    data = _read(backup_dir / name / DRILLS) or {}
+    items = data.get("drills")
+    return [d for d in items if isinstance(d, dict)] if isinstance(items, list) else []
+
+
+def record_drill(backup_dir: Path, name: str, result: dict[str, Any]) -> None:
+    """Prepend one drill result to ``drills.json`` (keeping the last DRILLS_KEPT)."""
+    items = [result, *drills(backup_dir, name)][:DRILLS_KEPT]
+    _write(backup_dir / name / DRILLS, {"drills": items})
+
+
+def last_drill(backup_dir: Path, name: str, ok: bool | None = None) -> dict[str, Any] | None:
+    """The newest drill (or the newest with the given outcome), or None."""
+    for item in drills(backup_dir, name):
+        if ok is None or bool(item.get("ok")) == ok:
+            return item
+    return None

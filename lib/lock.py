@@ -1,0 +1,125 @@
+"""One run at a time per backup_dir: an exclusive flock on ``<backup_dir>/.lock``.
+
+The kernel releases a flock when its holder dies (even by SIGKILL), so a killed run never blocks
+the next one. The pid, start time and command written into the file are for the message a second
+run shows; they are never used to decide whether the lock is held. The descriptor is not
+inherited by child processes (Python opens it close-on-exec), so a stray child cannot keep it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lib import store
+from lib.errors import InputError, LockHeld
+
+LOCK_NAME = ".lock"
+POLL_SECONDS = 0.2
+log = logging.getLogger("backup")
+
+
+def lock_path(backup_dir: Path) -> Path:
+    return backup_dir / LOCK_NAME
+
+
+def parse_wait(wait: str | float | None) -> float | None:
+    """--wait SECONDS as a number (None when not given). Raises InputError for non-numbers."""
+    if wait is None or wait == "":
+        return None
+    try:
+        seconds = float(wait)
+    except (TypeError, ValueError):
+        raise InputError(f"--wait {wait}: not a number of seconds") from None
+    if seconds < 0:
+        raise InputError(f"--wait {wait}: must be 0 or more seconds")
+    return seconds
+
+
+def read_holder(path: Path) -> dict[str, Any]:
+    """The informational holder record in the lock file ({} when empty or unreadable)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """'pid 123 (backup --all) since 2026-11-26 02:00:03 (4m ago)', or a fallback."""
+    if not holder.get("pid"):
+        return "a process that left no details (pid unknown)"
+    text = f"pid {holder['pid']}"
+    if holder.get("command"):
+        text += f" ({holder['command']})"
+    if holder.get("started"):
+        try:
+            started = store.parse_iso(holder["started"])
+            local = started.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            text += f" since {local} ({store.human_age(store.utcnow() - started)} ago)"
+        except ValueError:
+            text += f" since {holder['started']}"
+    if holder.get("host") and holder["host"] != socket.gethostname():
+        text += f" on host {holder['host']}"
+    return text
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _write_holder(fd: int, command: str) -> None:
+    info = {
+        "pid": os.getpid(),
+        "started": store.iso(store.utcnow()),
+        "started_local": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command,
+        "host": socket.gethostname(),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+
+@contextlib.contextmanager
+def run_lock(backup_dir: Path, command: str, wait: float | None = None) -> Iterator[Path]:
+    """Hold the exclusive run lock of ``backup_dir`` for the ``with`` block.
+
+    ``command`` (e.g. 'backup --all') is shown to a second run. Without ``wait`` a held lock
+    raises LockHeld at once; with ``wait`` seconds it polls until then. Yields the lock path.
+    """
+    store.ensure_dir(backup_dir)
+    path = lock_path(backup_dir)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait if wait else None
+        announced = False
+        while not _try_lock(fd):
+            holder = describe_holder(read_holder(path))
+            if deadline is None or time.monotonic() >= deadline:
+                hint = "pass --wait SECONDS to wait for it" if wait is None else f"gave up after waiting {wait:g}s"
+                raise LockHeld(f"another run holds the lock {path}: {holder}; {hint}")
+            if not announced:
+                log.info("waiting up to %gs for the lock held by %s", wait, holder)
+                announced = True
+            time.sleep(POLL_SECONDS)
+        _write_holder(fd, command)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
