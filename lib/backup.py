@@ -7,7 +7,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from lib.engines import get_engine
 from lib.errors import InputError, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
 from lib.progress import progress as progress_line
-from lib.stream import FileSink, Stage, TailSink, run_pipeline, sha256_file
+from lib.stream import FileSink, PipelineResult, Stage, TailSink, Tap, run_pipeline, run_tapped, sha256_file
 
 TOOL = "lemon-backup"
 log = logging.getLogger("backup")
@@ -58,7 +58,10 @@ def plan(spec: Spec, db: DatabaseSpec, tier: str | None = None, now: datetime | 
     kind = engine.compression(db)
     if kind:
         names.append(compress.compressor(kind).name)
-    names += crypto.stage_names(spec)
+    if crypto.mode(spec) == "public-key":
+        names += ["tee (verify before encryption)", *crypto.stage_names(spec)]
+    else:
+        names += [*crypto.stage_names(spec), "tee (verify in flight)"]
     return Plan(db=db, tier=tier, path=path, stages=names)
 
 
@@ -149,6 +152,58 @@ def verify_file(
     return checks
 
 
+def write_verified(
+    spec: Spec,
+    db: DatabaseSpec,
+    stages: list[Stage],
+    inspect: list[Stage],
+    tmp: Path,
+    final_name: str,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[PipelineResult, list[str], dict[str, Any]]:
+    """Run dump -> compress -> encrypt -> ``tmp`` and verify the stream in the same pass: a tee
+    feeds the bytes being stored (decrypted again in symmetric mode) to decompress -> engine
+    inspection; in public-key mode (no secret key here) it feeds the stream before encryption,
+    and the stored file's OpenPGP structure is checked afterwards. The sha256 is taken of the
+    exact bytes written. Returns (result, checks, engine_meta); raises StageFailed or
+    VerificationFailed naming the final file."""
+    engine = get_engine(db.engine)
+    encrypt = crypto.encrypt_stages(spec)
+    public_key = crypto.mode(spec) == "public-key"
+    if public_key:
+        branch, at, label = inspect, len(stages), " (before encryption)"
+    else:
+        decrypt = crypto.decrypt_stages(spec, None, "symmetric") if encrypt else []
+        branch, at, label = decrypt + inspect, len(stages) + len(encrypt), " (in flight)"
+    tap = Tap(branch, name="tee" + label, suffix=label)
+    result, checked = run_tapped([*stages, *encrypt], at, tap, FileSink(tmp), progress=progress)
+    cause = result.cause()
+    when = "before encryption" if public_key else "while it was written"
+    if cause is not None and cause.name.endswith(label):  # the dump worked; its check did not
+        if cause.name.startswith(crypto.DECRYPT_NAME):
+            crypto.explain_failure(spec, replace(cause, name=crypto.DECRYPT_NAME), tmp)
+        raise VerificationFailed(
+            f"{final_name} failed verification {when}: {cause.name} exited with status {cause.returncode}: "
+            f"{cause.stderr or 'no message'}"
+        )
+    result.raise_for_status()
+    if result.size == 0:
+        raise VerificationFailed(f"{db.name}: the dump produced no bytes")
+    try:
+        meta = engine.check_summary(db, checked.tail)
+    except VerificationFailed as exc:
+        raise VerificationFailed(f"{final_name} failed verification {when}: {exc}") from None
+    kind = engine.compression(db)
+    stream_checks = ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
+    if public_key:
+        try:
+            structure = crypto.check_structure(spec, tmp)
+        except VerificationFailed as exc:
+            raise VerificationFailed(f"{final_name}: {exc}") from None
+        return result, structure + [f"pre-encryption:{c}" for c in stream_checks], meta
+    return result, (["gpg-decrypt"] if encrypt else []) + stream_checks, meta
+
+
 def run_backup(
     spec: Spec,
     db: DatabaseSpec,
@@ -157,11 +212,11 @@ def run_backup(
     progress: Callable[[int], None] | None = None,
 ) -> store.Backup:
     """Make one verified backup of ``db``. Nothing appears under a final name unless every stage
-    succeeded and the written file verified. Raises a ToolError on failure (temp file removed)."""
+    succeeded and the written file verified. Raises a ToolError on failure (temp file removed).
+    Callers run crypto.preflight(spec) first (backup_many does, once for all databases)."""
     engine = get_engine(db.engine)
     place = engine.place(db, spec.env)
-    engine.preflight(db, place)
-    crypto.preflight(spec)
+    engine.preflight(db, place)  # encryption is preflighted once per run, by backup_many
     kind = engine.compression(db)
     if kind:
         require_binary(compress.compressor(kind).argv[0])
@@ -178,12 +233,8 @@ def run_backup(
     log.info("%s: %s backup started (%s)", db.name, p.tier, " | ".join(p.stages))
     started = time.monotonic()
     try:
-        result, plaintext = crypto.run_encrypted(spec, stages, FileSink(tmp), inspect, progress=progress)
-        result.raise_for_status()
-        if result.size == 0:
-            raise VerificationFailed(f"{db.name}: the dump produced no bytes")
+        result, checks, meta = write_verified(spec, db, stages, inspect, tmp, p.path.name, progress)
         dumped = time.monotonic()
-        checks, meta = check_stream(spec, db, tmp, {"compression": kind}, place, plaintext=plaintext)
         record = {
             "format": store.RECORD_FORMAT,
             "tool": TOOL,
@@ -200,7 +251,7 @@ def run_backup(
             "encryption": crypto.record(spec),
             "verified": {"ok": True, "at": store.iso(store.utcnow()), "checks": ["sha256"] + checks},
             "engine_meta": meta,
-            "seconds": {"dump": round(dumped - started, 3), "verify": round(time.monotonic() - dumped, 3)},
+            "seconds": {"dump_and_verify": round(dumped - started, 3)},
             "destinations": {},
         }
         backup = store.Backup(p.path, record)

@@ -17,15 +17,12 @@ Knows nothing about databases: callers hand in the inspection stages.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import stat
 import subprocess
-import threading
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,7 @@ from typing import Any
 from lib.config import Spec
 from lib.errors import EnvironmentProblem, InputError, VerificationFailed
 from lib.exec import require_binary, tail_text
-from lib.stream import PipelineResult, Sink, Stage, StageResult, TailSink, run_pipeline
+from lib.stream import Stage, StageResult, TailSink, run_pipeline
 
 log = logging.getLogger("backup")
 
@@ -43,7 +40,6 @@ MAX_PASSPHRASE_BYTES = 4000  # always fits in a pipe buffer, so writing it never
 _warned: set[str] = set()
 ENCRYPT_NAME = "gpg --encrypt"
 DECRYPT_NAME = "gpg --decrypt"
-TEE_NAME = "tee (check before encryption)"
 # gpg's validity letters (--with-colons field 2) that make a key unusable whatever the trust model.
 UNUSABLE = {"e": "expired", "r": "revoked", "d": "disabled", "i": "invalid"}
 # OpenPGP packet tags (RFC 4880 section 4.3).
@@ -71,11 +67,11 @@ def cipher(spec: Spec) -> str:
 
 
 def gnupghome(spec: Spec) -> Path | None:
-    """The configured keyring directory (created 0700 when missing), or None for gpg's default."""
+    """The keyring directory: encryption.gnupghome, else $GNUPGHOME or ~/.gnupg (gpg's default).
+    Created 0700 when missing: gpg in --batch mode fails obscurely ("No agent running") without it."""
     configured = spec.encryption.get("gnupghome")
-    if not configured:
-        return None
-    home = spec.resolve(configured)
+    default = Path(spec.env.get("GNUPGHOME") or os.path.expanduser("~/.gnupg"))
+    home = spec.resolve(configured) if configured else default
     try:
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         info = home.stat()
@@ -96,7 +92,7 @@ def _keyring_label(spec: Spec) -> str:
 def _gpg_base(spec: Spec) -> list[str]:
     """gpg with options that make it non-interactive and independent of gpg.conf."""
     home = gnupghome(spec)
-    return ["gpg", "--batch", "--no-tty", "--no-options"] + (["--homedir", str(home)] if home else [])
+    return ["gpg", "--batch", "--no-tty", "--no-options", "--homedir", str(home)]
 
 
 # -- passphrase --------------------------------------------------------------------------------
@@ -323,6 +319,19 @@ def preflight(spec: Spec) -> None:
         passphrase(spec)
     else:
         recipients(spec)
+    trial_encryption(spec)
+
+
+def trial_encryption(spec: Spec) -> None:
+    """Encrypt a few bytes exactly as a backup will, so a gpg that cannot work here (agent,
+    keyring, permissions) stops the run before any dump. Raises EnvironmentProblem."""
+    result = run_pipeline([Stage("printf", ["printf", "preflight"]), *encrypt_stages(spec)], TailSink(4096))
+    cause = result.cause()
+    if cause is not None:
+        raise EnvironmentProblem(
+            f"gpg cannot encrypt here ({cause.stderr or f'exit status {cause.returncode}'}); "
+            f"check the keyring {_keyring_label(spec)} with: invoke keys"
+        )
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -330,7 +339,7 @@ def stage_names(spec: Spec) -> list[str]:
     """Names of the stages encryption adds (for plans and logs); builds nothing."""
     if mode(spec) == "none":
         return []
-    return ([TEE_NAME] if mode(spec) == "public-key" else []) + [ENCRYPT_NAME]
+    return [ENCRYPT_NAME]
 
 
 def encrypt_stages(spec: Spec) -> list[Stage]:
@@ -347,14 +356,17 @@ def encrypt_stages(spec: Spec) -> list[Stage]:
     return [Stage(ENCRYPT_NAME, argv)]
 
 
-def decrypt_stages(spec: Spec, path: Path) -> list[Stage]:
-    """The gpg stage decrypting ``path``'s bytes from stdin to stdout. A passphrase-encrypted file
-    needs the configured passphrase; a public-key file uses the keyring's secret key (and the
-    configured passphrase, if any, for that key). Raises InputError when a needed passphrase is missing."""
+def decrypt_stages(spec: Spec, path: Path | None, file_kind: str | None = None) -> list[Stage]:
+    """The gpg stage decrypting ``path``'s bytes from stdin to stdout (``file_kind`` 'symmetric' or
+    'public-key' when known, e.g. for a stream being written; else read from ``path``). A
+    passphrase-encrypted file needs the configured passphrase; a public-key file uses the keyring's
+    secret key (and the configured passphrase, if any, for that key). Raises InputError when a
+    needed passphrase is missing."""
     require_binary("gpg")
     base = _gpg_base(spec)
     options = ["--no-symkey-cache", "--decrypt", "--output", "-"]
-    secret = passphrase(spec, required=file_mode(path) == "symmetric")
+    kind = file_kind or (file_mode(path) if path is not None else "unknown")
+    secret = passphrase(spec, required=kind == "symmetric")
     if secret is None:
         return [Stage(DECRYPT_NAME, [*base, *options])]
     return [_with_passphrase(DECRYPT_NAME, base, options, secret)]
@@ -505,96 +517,6 @@ def check_structure(spec: Spec, path: Path) -> list[str]:
 
 
 # -- one pass: check the plaintext before encryption (public-key mode) ---------------------------
-class PlaintextTap:
-    """A ``tee`` stage copying the stream into a second pipeline (``inspect``) run in a thread, in
-    the same pass. Bytes move only through OS pipes; the inspection keeps a bounded tail."""
-
-    def __init__(self, inspect: Sequence[Stage], keep: int = 256 * 1024) -> None:
-        if not inspect:
-            raise ValueError("the plaintext tap needs inspection stages")
-        self._read_fd, self._write_fd = os.pipe()
-        self._keep = keep
-        self._lock = threading.Lock()
-        first = inspect[0]
-        self._inspect = [replace(first, name=f"{first.name} (before encryption)", on_start=self._reader_started)]
-        self._inspect += [replace(s, name=f"{s.name} (before encryption)") for s in inspect[1:]]
-        self._first_hook: Callable | None = first.on_start
-        self._thread: threading.Thread | None = None
-        self._result: PipelineResult | None = None
-        self._error: BaseException | None = None
-        self.stage = Stage(
-            TEE_NAME, ["tee", f"/dev/fd/{self._write_fd}"], pass_fds=(self._write_fd,), on_start=self._tee_started
-        )
-
-    def _close(self, attr: str) -> None:
-        with self._lock:
-            fd = getattr(self, attr)
-            if fd is not None:
-                setattr(self, attr, None)
-                os.close(fd)
-
-    def _tee_started(self, _proc: subprocess.Popen) -> None:
-        self._close("_write_fd")  # tee holds the only write end: its exit means EOF for the reader
-        self._thread = threading.Thread(target=self._run, name="plaintext-check", daemon=True)
-        self._thread.start()
-
-    def _reader_started(self, proc: subprocess.Popen) -> None:
-        self._close("_read_fd")  # the first inspection process holds the only read end
-        if self._first_hook:
-            self._first_hook(proc)
-
-    def _run(self) -> None:
-        try:
-            source = Path(f"/dev/fd/{self._read_fd}")
-            self._result = run_pipeline(self._inspect, TailSink(self._keep), source=source)
-        except BaseException as exc:  # handed to the caller by finish()
-            self._error = exc
-        finally:
-            self._close("_read_fd")  # never leave tee blocked on a pipe nobody reads
-
-    def finish(self) -> PipelineResult | None:
-        """Wait for the inspection; close what is left. Returns its result (None if tee never
-        started). Re-raises an exception the inspection thread met."""
-        self._close("_write_fd")
-        if self._thread is not None:
-            self._thread.join()
-        self._close("_read_fd")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
-def run_encrypted(
-    spec: Spec,
-    stages: Sequence[Stage],
-    sink: Sink,
-    inspect: Sequence[Stage],
-    progress: Callable[[int], None] | None = None,
-) -> tuple[PipelineResult, bytes | None]:
-    """Run ``stages`` followed by encryption into ``sink`` (plain run_pipeline for mode none).
-
-    In public-key mode the stream entering gpg is also fed to ``inspect`` (e.g. decompress | dump
-    check) in the same pass. Returns (a result covering every stage of both branches, the
-    inspection's output tail or None). Never raises for exit statuses: call raise_for_status().
-    """
-    stages = list(stages)
-    if mode(spec) != "public-key":
-        return run_pipeline([*stages, *encrypt_stages(spec)], sink, progress=progress), None
-    encrypt = encrypt_stages(spec)
-    tap = PlaintextTap(inspect)
-    try:
-        main = run_pipeline([*stages, tap.stage, *encrypt], sink, progress=progress)
-    except BaseException:
-        with contextlib.suppress(Exception):  # the first error is the one to report
-            tap.finish()
-        raise
-    branch = tap.finish()
-    if branch is None:  # pragma: no cover - tee always starts when run_pipeline returns
-        raise RuntimeError("the plaintext check never started")
-    merged = replace(main, stages=main.stages + branch.stages, ok_codes={**main.ok_codes, **branch.ok_codes})
-    return merged, branch.tail
-
-
 def record(spec: Spec) -> dict[str, Any]:
     """What a backup's record says about its encryption (never a secret)."""
     if mode(spec) == "none":

@@ -12,9 +12,10 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lib.errors import StageFailed
@@ -248,3 +249,87 @@ def sha256_file(path: Path) -> str:
         while n := handle.readinto(buf):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+class Tap:
+    """A ``tee`` stage copying the stream at its place in a pipeline into a second pipeline
+    (``branch``), run in a thread, in the same pass. Bytes move only through OS pipes; the branch
+    keeps a bounded tail. Used to verify what is being written while it is written.
+
+    Usage: put ``tap.stage`` in the main pipeline, run it, then ``tap.finish()`` for the branch's
+    result (re-raises an exception the branch thread met).
+    """
+
+    def __init__(self, branch: Sequence[Stage], name: str = "tee", suffix: str = "", keep: int = 256 * 1024) -> None:
+        if not branch:
+            raise ValueError("a tap needs branch stages")
+        self._read_fd, self._write_fd = os.pipe()
+        self._keep = keep
+        self._lock = threading.Lock()
+        first = branch[0]
+        self._branch = [replace(first, name=first.name + suffix, on_start=self._reader_started)]
+        self._branch += [replace(s, name=s.name + suffix) for s in branch[1:]]
+        self._first_hook: Callable | None = first.on_start
+        self._thread: threading.Thread | None = None
+        self._result: PipelineResult | None = None
+        self._error: BaseException | None = None
+        self.stage = Stage(
+            name, ["tee", f"/dev/fd/{self._write_fd}"], pass_fds=(self._write_fd,), on_start=self._tee_started
+        )
+
+    def _close(self, attr: str) -> None:
+        with self._lock:
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+
+    def _tee_started(self, _proc: subprocess.Popen) -> None:
+        self._close("_write_fd")  # tee holds the only write end: its exit means EOF for the branch
+        self._thread = threading.Thread(target=self._run, name="tap", daemon=True)
+        self._thread.start()
+
+    def _reader_started(self, proc: subprocess.Popen) -> None:
+        self._close("_read_fd")  # the branch's first process holds the only read end
+        if self._first_hook:
+            self._first_hook(proc)
+
+    def _run(self) -> None:
+        try:
+            self._result = run_pipeline(self._branch, TailSink(self._keep), source=Path(f"/dev/fd/{self._read_fd}"))
+        except BaseException as exc:  # handed to the caller by finish()
+            self._error = exc
+        finally:
+            self._close("_read_fd")  # never leave tee blocked on a pipe nobody reads
+
+    def finish(self) -> PipelineResult | None:
+        """Wait for the branch; close what is left. Returns its result (None if tee never started)."""
+        self._close("_write_fd")
+        if self._thread is not None:
+            self._thread.join()
+        self._close("_read_fd")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def run_tapped(
+    stages: Sequence[Stage], at: int, tap: Tap, sink: Sink, progress: Callable[[int], None] | None = None
+) -> tuple[PipelineResult, PipelineResult]:
+    """Run ``stages`` into ``sink`` with ``tap.stage`` inserted before index ``at``. Returns
+    (the main result with the branch's stages merged in, the branch result). Never raises for
+    exit statuses."""
+    full = [*stages[:at], tap.stage, *stages[at:]]
+    try:
+        main = run_pipeline(full, sink, progress=progress)
+    except BaseException:
+        try:  # the first error is the one to report
+            tap.finish()
+        except Exception:  # noqa: S110
+            pass
+        raise
+    branch = tap.finish()
+    if branch is None:  # pragma: no cover - tee always starts when run_pipeline returns
+        raise RuntimeError("the tapped branch never started")
+    merged = replace(main, stages=main.stages + branch.stages, ok_codes={**main.ok_codes, **branch.ok_codes})
+    return merged, branch

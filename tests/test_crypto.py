@@ -17,7 +17,7 @@ from gpgkeys import GPG, keyring_factory
 from lib import crypto
 from lib.config import load_spec
 from lib.errors import ConfigError, EnvironmentProblem, InputError, VerificationFailed
-from lib.stream import FileSink, Stage, TailSink, run_pipeline
+from lib.stream import FileSink, Stage, TailSink, Tap, run_pipeline, run_tapped
 
 PASSPHRASE = "correct horse 'battery\" staple 한국어 ü \\ $HOME"
 DB = {"pg": {"engine": "postgres", "database": "x", "host": "127.0.0.1"}}
@@ -241,14 +241,15 @@ def test_plaintext_tap_sees_exactly_the_bytes_gpg_encrypts_in_the_same_pass(tmp_
     source.write_bytes(data)
     out = tmp_path / "out.gpg"
     inspect = [Stage("gzip -d", ["gzip", "-d", "-c"]), Stage("sha256sum", ["sha256sum"])]
-    result, tail = crypto.run_encrypted(
-        spec, [Stage("cat", ["cat", str(source)]), Stage("gzip", ["gzip", "-1", "-c"])], FileSink(out), inspect
-    )
+    producer = [Stage("cat", ["cat", str(source)]), Stage("gzip", ["gzip", "-1", "-c"])]
+    tap = Tap(inspect, name="tee (before encryption)", suffix=" (before encryption)")
+    result, branch = run_tapped([*producer, *crypto.encrypt_stages(spec)], 2, tap, FileSink(out))
+    tail = branch.tail
     result.raise_for_status()
     assert [s.name for s in result.stages] == [
         "cat",
         "gzip",
-        crypto.TEE_NAME,
+        "tee (before encryption)",
         crypto.ENCRYPT_NAME,
         "gzip -d (before encryption)",
         "sha256sum (before encryption)",
@@ -263,6 +264,7 @@ def test_failing_plaintext_check_fails_the_run_and_names_the_check(tmp_path, key
     spec = public_key(tmp_path, owner, ["ops@example.com"])
     inspect = [Stage("gzip -d", ["gzip", "-d", "-c"]), Stage("checker", ["sh", "-c", "head -c 10 >/dev/null; exit 3"])]
     producer = [Stage("yes", ["sh", "-c", "head -c 5000000 /dev/zero"]), Stage("gzip", ["gzip", "-1", "-c"])]
-    result, _ = crypto.run_encrypted(spec, producer, FileSink(tmp_path / "out.gpg"), inspect)
+    tap = Tap(inspect, name="tee (before encryption)", suffix=" (before encryption)")
+    result, _ = run_tapped([*producer, *crypto.encrypt_stages(spec)], 2, tap, FileSink(tmp_path / "out.gpg"))
     cause = result.cause()
     assert cause is not None and cause.name == "checker (before encryption)" and cause.returncode == 3

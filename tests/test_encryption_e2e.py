@@ -182,7 +182,7 @@ def test_public_key_round_trip_backup_host_without_secret_key(workspace, sample_
 
     result = workspace.invoke("backup", "--all")
     assert result.returncode == 0, result.stderr
-    assert "tee (check before encryption) | gpg --encrypt" in result.stderr
+    assert "tee (verify before encryption) | gpg --encrypt" in result.stderr
     [backup] = workspace.backups()
     assert backup.name.endswith(".sql.gz.gpg")
     record = json.loads(backup.with_name(backup.name + ".json").read_text())
