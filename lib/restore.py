@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,31 @@ from lib.errors import InputError
 from lib.progress import watch_reads
 
 log = logging.getLogger("backup")
+
+
+class Background:
+    """Run ``func`` in a thread; ``result()`` waits and returns its value or raises its exception."""
+
+    def __init__(self, func: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(func,), name="verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, func: Callable[[], Any]) -> None:
+        try:
+            self._value = func()
+        except BaseException as exc:  # handed over by result()
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def pick_database(spec: Spec, engine: str, name: str | None) -> DatabaseSpec:
@@ -74,17 +100,7 @@ def restore(
     engine_impl = get_engine(engine)
     place = engine_impl.place(db, spec.env)
     engine_impl.preflight(db, place)
-    log.info("%s: verifying %s before touching any database", db.name, path)
-    with watch_reads(path, f"{db.name}: verify"):
-        checks = verify_file(spec, db, path, record, place, decrypt=True)
-    if not store.sha256_path(path).exists():
-        log.warning("%s has no .sha256 sidecar; verified its contents only", path.name)
-    log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
     target = into or db.database
-    if confirm is not None and not confirm(
-        f"Restore {path.name} into database '{target}'{engine_impl.replace_note(drop_previous)}?"
-    ):
-        raise InputError("restore cancelled; nothing was touched")
     request = RestoreRequest(
         db=db,
         place=place,
@@ -97,8 +113,33 @@ def restore(
         safety_dir=store.safety_dir(spec.backup_dir, db.name),
         config_path=spec.config_path,
     )
-    with watch_reads(path, f"{db.name}: restore"):
-        summary = engine_impl.restore(request)
+    question = f"Restore {path.name} into database '{target}'{engine_impl.replace_note(drop_previous)}?"
+    if not store.sha256_path(path).exists():
+        log.warning("%s has no .sha256 sidecar; its contents are verified, its checksum cannot be", path.name)
+    if engine_impl.loads_into_scratch:
+        # One pass less: verify alongside the load into a scratch database; the engine waits
+        # for the verification (request.gate) before it touches the target.
+        if confirm is not None and not confirm(question):
+            raise InputError("restore cancelled; nothing was touched")
+        log.info("%s: verifying %s while loading it into a scratch database", db.name, path)
+        verification = Background(lambda: verify_file(spec, db, path, record, place, decrypt=True))
+        request.gate = verification.result
+        try:
+            with watch_reads(path, f"{db.name}: restore"):
+                summary = engine_impl.restore(request)
+        finally:
+            verification.join()
+        checks = verification.result()
+        log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
+    else:
+        log.info("%s: verifying %s before touching any database", db.name, path)
+        with watch_reads(path, f"{db.name}: verify"):
+            checks = verify_file(spec, db, path, record, place, decrypt=True)
+        log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
+        if confirm is not None and not confirm(question):
+            raise InputError("restore cancelled; nothing was touched")
+        with watch_reads(path, f"{db.name}: restore"):
+            summary = engine_impl.restore(request)
     summary.update({"file": str(path), "checks": checks, "database": db.name})
     log.info(
         "%s: restored %s into %s (%s %s, %s %s, %.1fs)",

@@ -5,7 +5,7 @@ not the engine's business: it produces a dump stream, says how to inspect one, a
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,11 @@ class RestoreRequest:
     safety_dir: Path | None = None
     #: the backup.yml in use, for commands suggested to the operator in messages
     config_path: Path | None = None
+    #: set when the file's verification runs alongside the load (engines with
+    #: ``loads_into_scratch``): waits for it and returns its checks, or raises its error. The
+    #: engine must call it before the target is touched, and after a failed load (a failed
+    #: verification explains a failed load better than the load's own error).
+    gate: Callable[[], list[str]] | None = None
 
     @property
     def source_is_raw(self) -> bool:
@@ -51,6 +56,10 @@ class Engine:
     host_binaries: tuple[str, ...] = ()
     #: what the engine counts, for log lines: (containers, items), e.g. ("tables", "rows")
     units: tuple[str, str] = ("tables", "rows")
+    #: True when a restore loads into a scratch database and touches the target only in a final
+    #: step after calling ``RestoreRequest.gate``: the file is then verified alongside the load
+    #: instead of before it (one pass less). False: verified first, then restored.
+    loads_into_scratch: bool = False
 
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
         """Where this database's tools run, with the secrets they need (env var name -> value)."""
