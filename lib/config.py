@@ -17,6 +17,7 @@ import jsonschema
 import yaml
 
 from lib.errors import ConfigError
+from lib.exec import protect_secrets
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "backup.schema.json"
 TIERS = ("daily", "weekly", "monthly")
@@ -85,6 +86,15 @@ class Spec:
         """A path from backup.yml, with ~ expanded and relative paths anchored at base_dir."""
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def secret_env_names(self) -> frozenset[str]:
+        """Environment variables backup.yml names as holding secrets: every database's
+        ``password_env`` and ``encryption.passphrase_env``."""
+        names = {db.password_env for db in self.databases.values() if db.password_env}
+        if self.encryption.get("passphrase_env"):
+            names.add(self.encryption["passphrase_env"])
+        return frozenset(names)
 
     def select(self, names: list[str] | None) -> list[DatabaseSpec]:
         """Databases named by --db (all when ``names`` is empty). Raises ConfigError for unknown names."""
@@ -236,6 +246,8 @@ def load_spec(config_path: str | os.PathLike | None = None, environ: Mapping[str
 
     ``config_path`` defaults to $BACKUP_CONFIG, then ./backup.yml. The .env file next to the config
     fills variables that ``environ`` (default os.environ) does not already set.
+    The variables holding secrets (``Spec.secret_env_names``) are then kept away from every child
+    process (lib.exec.protect_secrets; removed from os.environ, their values stay in ``Spec.env``).
     Raises ConfigError listing every problem at once.
     """
     environ = dict(os.environ if environ is None else environ)
@@ -277,7 +289,7 @@ def load_spec(config_path: str | os.PathLike | None = None, environ: Mapping[str
     else:
         backup_path = Path(os.path.expanduser(backup_dir))
         backup_path = backup_path if backup_path.is_absolute() else path.parent / backup_path
-    return Spec(
+    spec = Spec(
         config_path=path,
         backup_dir=backup_path.resolve(),
         weekly_on=WEEKDAYS.index(schedule.get("weekly_on", "sunday")),
@@ -292,3 +304,5 @@ def load_spec(config_path: str | os.PathLike | None = None, environ: Mapping[str
         env=env,
         raw=data,
     )
+    protect_secrets(spec.secret_env_names)
+    return spec

@@ -130,9 +130,9 @@ def passphrase(spec: Spec, required: bool = True) -> bytes | None:
     """The configured passphrase as UTF-8 bytes, or None when none is configured and not ``required``.
 
     Reads encryption.passphrase_env (from the environment or .env) or encryption.passphrase_file.
-    An environment variable is then removed from this process's environment, so no child process
-    (pg_dump, compressors, gpg) inherits it. Raises InputError naming the problem and the fix,
-    never including the passphrase.
+    The variable never reaches a child process (pg_dump, compressors, gpg): load_spec protects it
+    with every other configured secret variable (lib.exec.protect_secrets). Raises InputError
+    naming the problem and the fix, never including the passphrase.
     """
     enc = spec.encryption
     if enc.get("passphrase_file"):
@@ -141,7 +141,6 @@ def passphrase(spec: Spec, required: bool = True) -> bytes | None:
     elif enc.get("passphrase_env"):
         name = enc["passphrase_env"]
         value = spec.env.get(name, "")
-        os.environ.pop(name, None)
         secret = value.encode("utf-8", "surrogateescape")
         where = f"${name} (encryption.passphrase_env)"
         if not secret:

@@ -240,6 +240,55 @@ def test_password_travels_by_environment_only(workspace, sample_db):
     assert secret not in result.stderr + (workspace.backup_dir / "backup.log").read_text()
 
 
+def env_recorders(directory, path: str, names: tuple[str, ...]) -> tuple[dict, object]:
+    """Wrappers earlier on PATH for ``names`` that write their environment to
+    ``<log dir>/<name>.<pid>.env``, then exec the real binary. Returns (env for the task, log dir)."""
+    import shutil
+
+    directory.mkdir()
+    logs = directory / "env"
+    logs.mkdir()
+    for name in names:
+        real = shutil.which(name, path=path)
+        if real is None:
+            continue
+        script = directory / name
+        script.write_text(f"#!/bin/sh\nenv > '{logs}/{name}.'$$.env\nexec '{real}' \"$@\"\n")
+        script.chmod(0o755)
+    return {"PATH": f"{directory}{os.pathsep}{path}"}, logs
+
+
+def test_configured_secret_variables_never_reach_any_child(workspace, sample_db, tmp_path):
+    """password_env and encryption.passphrase_env are scrubbed from every child; pg_dump/psql get
+    the password only as PGPASSWORD."""
+    secret, phrase = "pg-secret-in-DB_PASSWORD", "gpg-secret-in-BACKUP_PASSPHRASE"
+    config = workspace.postgres_config(sample_db.name, password_env="DB_PASSWORD")
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    config["encryption"] = {"mode": "symmetric", "passphrase_env": "BACKUP_PASSPHRASE", "gnupghome": str(home)}
+    workspace.write_config(config)
+    names = ("pg_dump", "psql", "pigz", "gzip", "gpg", "mawk", "awk")
+    wrappers, logs = env_recorders(tmp_path / "wrap", workspace.env["PATH"], names)
+    env = {**wrappers, "DB_PASSWORD": secret, "BACKUP_PASSPHRASE": phrase}
+    result = workspace.invoke("backup", "--all", env=env)
+    assert result.returncode == 0, result.stderr
+    into = f"{sample_db.name}_envcheck"
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--into", into, "--yes", env=env)
+    assert result.returncode == 0, result.stderr
+    calls = {path: path.read_text() for path in logs.iterdir()}
+    seen = {path.name.split(".")[0] for path in calls}
+    assert {"pg_dump", "psql", "gpg"} <= seen, seen
+    for path, environ in calls.items():
+        name = path.name.split(".")[0]
+        assert "DB_PASSWORD=" not in environ, f"{name} inherited DB_PASSWORD"
+        assert "BACKUP_PASSPHRASE=" not in environ, f"{name} inherited BACKUP_PASSPHRASE"
+        assert phrase not in environ, name
+        if name in ("pg_dump", "psql"):
+            assert f"PGPASSWORD={secret}" in environ, name
+        else:
+            assert secret not in environ, f"{name} got the database password"
+
+
 def test_unset_password_variable_is_an_input_error(workspace, sample_db):
     workspace.write_config(workspace.postgres_config(sample_db.name, password_env="NOT_SET_ANYWHERE"))
     result = workspace.invoke("backup", "--db", "pg")

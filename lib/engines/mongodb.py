@@ -113,12 +113,10 @@ class MongoDB(Engine):
         return ["sh", "-c", FD3_WRAPPER, "sh", *argv, *flag]
 
     def tool_env(self, db: DatabaseSpec, place: Place) -> dict[str, str]:
-        """Environment for the tools' processes: ours plus the wrapper's secret, minus the
-        variable password_env names (the tools never need it; the wrapper's copy is unset)."""
-        env = place.env()
-        if db.password_env and db.password_env != CONFIG_ENV:
-            env.pop(db.password_env, None)
-        return env
+        """Environment for the tools' processes: ``place.env()``, i.e. without any configured
+        secret variable (password_env included; see lib.exec.child_env) plus the wrapper's
+        secret, which the wrapper unsets before the tool starts."""
+        return place.env()
 
     def tool_stage(self, db: DatabaseSpec, place: Place, name: str, argv: list[str], config_flag: bool = True) -> Stage:
         """A pipeline stage running ``argv`` where the tools run, with the password on fd 3."""

@@ -5,7 +5,6 @@ the target destroyed: restore into a new database, check it, then swap names in 
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from lib.config import DatabaseSpec
 from lib.engines import register
 from lib.engines.base import Engine, RestoreRequest
 from lib.errors import RunFailed, StageFailed, VerificationFailed
-from lib.exec import Place, require_binary
+from lib.exec import Place, child_env, require_binary
 from lib.store import utcnow
 from lib.stream import Stage, TailSink, run_pipeline
 
@@ -110,7 +109,7 @@ class Postgres(Engine):
                 stages.append(Stage("pg_restore (read back)", place.argv(["pg_restore", "-f", "-"]), env=place.env()))
         # mawk in the C locale reads ~4x faster than gawk in a UTF-8 one; the script is byte-safe.
         awk = "mawk" if shutil.which("mawk") else "awk"
-        stages.append(Stage("dump check (awk)", [awk, INSPECT_AWK], env={**os.environ, "LC_ALL": "C"}))
+        stages.append(Stage("dump check (awk)", [awk, INSPECT_AWK], env=child_env({"LC_ALL": "C"})))
         return stages
 
     def verify_checks(self, db: DatabaseSpec) -> list[str]:
