@@ -79,24 +79,28 @@ def check_stream(
     place: Place | None,
     decrypt: bool = False,
     plaintext: bytes | None = None,
+    name: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Read the stored file back through decode + engine inspection. Returns (checks, engine_meta).
-    Raises VerificationFailed (with the failing stage) when anything is wrong.
+    Raises VerificationFailed (with the failing stage) when anything is wrong. Messages call the
+    file ``name`` (default ``path.name``; a backup being made passes its final name, not the
+    temporary file's).
 
     A public-key encrypted file is decrypted only with ``decrypt`` (restore; needs the secret key);
     otherwise its packet structure is checked, plus ``plaintext`` (the inspection output of the
     stream before encryption, from the backup run) when given. A wrong passphrase or missing
     secret key raises EnvironmentProblem instead."""
     engine = get_engine(db.engine)
+    label = name or path.name
     kind = (record or {}).get("compression") or compress.kind_from_name(path.name)
     if crypto.is_encrypted(path) and crypto.file_mode(path) == "public-key" and not decrypt:
-        checks = crypto.check_structure(spec, path)
+        checks = crypto.check_structure(spec, path, name=label)
         if plaintext is None:
             return checks, {}
         try:
             meta = engine.check_summary(db, plaintext)
         except VerificationFailed as exc:
-            raise VerificationFailed(f"{path.name} failed verification before encryption: {exc}") from None
+            raise VerificationFailed(f"{label} failed verification before encryption: {exc}") from None
         before = ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
         return checks + [f"pre-encryption:{check}" for check in before], meta
     decode = decode_stages(spec, path, record)
@@ -104,15 +108,15 @@ def check_stream(
     result = run_pipeline(stages, TailSink(256 * 1024), source=path)
     cause = result.cause()
     if cause is not None:
-        crypto.explain_failure(spec, cause, path)
+        crypto.explain_failure(spec, cause, path, name=label)
         raise VerificationFailed(
-            f"{path.name} failed verification: {cause.name} exited with status {cause.returncode}: "
+            f"{label} failed verification: {cause.name} exited with status {cause.returncode}: "
             f"{cause.stderr or 'no message'}"
         )
     try:
         meta = engine.check_summary(db, result.tail)
     except VerificationFailed as exc:
-        raise VerificationFailed(f"{path.name} failed verification: {exc}") from None
+        raise VerificationFailed(f"{label} failed verification: {exc}") from None
     checks = ["gpg-decrypt"] if crypto.is_encrypted(path) else []
     checks += ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
     return checks, meta
@@ -183,7 +187,7 @@ def run_backup(
         if result.size == 0:
             raise VerificationFailed(f"{db.name}: the dump produced no bytes")
         dumped = time.monotonic()
-        checks, meta = check_stream(spec, db, tmp, {"compression": kind}, place, plaintext=plaintext)
+        checks, meta = check_stream(spec, db, tmp, {"compression": kind}, place, plaintext=plaintext, name=p.path.name)
         record = {
             "format": store.RECORD_FORMAT,
             "tool": TOOL,

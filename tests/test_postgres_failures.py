@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -36,6 +37,9 @@ def test_broken_dump_never_becomes_a_backup(workspace, sample_db, fault, needle)
     result = workspace.invoke("backup", "--all", env=env)
     assert_one_line_error(result, 1, needle, "summary: 0 of 1")
     assert no_files_left(workspace)
+    assert ".tmp-" not in result.stderr  # messages name the backup the operator knows
+    if fault == "truncate-exit0":
+        assert re.search(r"backup_\d{8}_\d{6}\.sql\.gz failed verification: ", result.stderr), result.stderr
 
 
 def test_dump_cut_before_the_end_marker_is_refused(workspace, sample_db):
