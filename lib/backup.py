@@ -15,7 +15,7 @@ from typing import Any
 from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
 from lib.diskguard import check_free_space
-from lib.engines import get_engine
+from lib.engines import engine_for_file, get_engine
 from lib.errors import InputError, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
 from lib.progress import progress as progress_line
@@ -194,7 +194,7 @@ def run_backup(
             "name": db.name,
             "engine": db.engine,
             "database": db.database,
-            "dump_format": db.options.get("format", "native") if db.engine == "postgres" else "native",
+            **engine.record_fields(db),
             "tier": p.tier,
             "created": store.iso(created),
             "file": p.path.name,
@@ -273,12 +273,7 @@ def engine_of_file(path: Path, record: dict[str, Any] | None) -> str | None:
     """Engine a backup file belongs to: from its record, else guessed from its name."""
     if record and record.get("engine"):
         return record["engine"]
-    name = path.name[:-4] if path.name.endswith(".gpg") else path.name
-    if ".sql" in name or name.endswith(".dump"):
-        return "postgres"
-    if ".archive" in name:
-        return "mongodb"
-    return None
+    return engine_for_file(path.name)
 
 
 @dataclass

@@ -51,6 +51,9 @@ class Engine:
     host_binaries: tuple[str, ...] = ()
     #: what the engine counts, for log lines: (containers, items), e.g. ("tables", "rows")
     units: tuple[str, str] = ("tables", "rows")
+    #: parts of a backup file name (without .gpg) that mark it as this engine's, e.g. ".sql";
+    #: used for files without a record (made by the old scripts)
+    file_markers: tuple[str, ...] = ()
 
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
         """Where this database's tools run, with the secrets they need (env var name -> value)."""
@@ -81,6 +84,11 @@ class Engine:
         """Judge the summary: raise VerificationFailed if the dump is incomplete; else return the
         metadata to record (e.g. per-table row counts)."""
         raise NotImplementedError
+
+    def record_fields(self, db: DatabaseSpec) -> dict[str, Any]:
+        """Engine-specific fields of a backup's record (merged into it by the backup road), e.g.
+        ``dump_format``. Default: the engine's one native format."""
+        return {"dump_format": "native"}
 
     def verify_checks(self, db: DatabaseSpec) -> list[str]:
         """Names of the checks ``check_summary`` performs, for records and listings."""

@@ -85,6 +85,7 @@ def ns_escape(name: str) -> str:
 class MongoDB(Engine):
     name = "mongodb"
     host_binaries = ("sh", "mongodump", "mongorestore")
+    file_markers = (".archive",)
     units = ("collections", "documents")
 
     # -- where and how to connect -------------------------------------------------------------
@@ -315,7 +316,7 @@ class MongoDB(Engine):
                 "name": db.name,
                 "engine": self.name,
                 "database": target,
-                "dump_format": "native",
+                **self.record_fields(db),
                 "tier": "pre-restore",
                 "created": store.iso(created),
                 "file": path.name,

@@ -51,6 +51,7 @@ def quote_literal(text: str) -> str:
 class Postgres(Engine):
     name = "postgres"
     host_binaries = ("pg_dump", "psql")
+    file_markers = (".sql", ".dump")
 
     # -- where and how to connect -------------------------------------------------------------
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
@@ -81,6 +82,9 @@ class Postgres(Engine):
 
     def suffix(self, db: DatabaseSpec) -> str:
         return ".dump" if self.fmt(db) == "custom" else ".sql"
+
+    def record_fields(self, db: DatabaseSpec) -> dict[str, Any]:
+        return {"dump_format": self.fmt(db)}
 
     def compression(self, db: DatabaseSpec) -> str | None:
         return None if self.fmt(db) == "custom" else db.options.get("compression", "gzip")
