@@ -218,6 +218,13 @@ def test_public_key_round_trip_backup_host_without_secret_key(workspace, sample_
     verify = workspace.invoke("verify")
     assert verify.returncode == 0, verify.stderr
     assert "OK (sha256, gpg-packets, openpgp-framing)" in verify.stderr
+    # re-verification is added to the record; the checks made before encryption stay
+    record = json.loads(backup.with_name(backup.name + ".json").read_text())
+    assert record["verified"]["checks"] == checks
+    assert record["verified"]["reverify_checks"] == ["sha256", "gpg-packets", "openpgp-framing"]
+    assert record["verified"]["ok"] is True and record["verified"]["reverified_at"]
+    listing = workspace.invoke("list").stdout
+    assert "pre-encryption:dump-complete" in listing and "re-verified " in listing
 
     sample_db.sql("UPDATE users SET name = 'changed';")
     changed = sample_db.checksums()
@@ -241,6 +248,12 @@ def test_public_key_round_trip_backup_host_without_secret_key(workspace, sample_
     verify = workspace.invoke("verify")
     assert verify.returncode == 1
     assert "truncated" in verify.stderr
+    record = json.loads(backup.with_name(backup.name + ".json").read_text())
+    assert record["verified"]["ok"] is False and "truncated" in record["verified"]["error"]
+    assert record["verified"]["checks"] == checks  # what the backup run proved is kept, marked not ok
+    assert "NOT verified (re-verification failed" in workspace.invoke("list").stdout
+    latest = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes")
+    assert latest.returncode == 2 and "no verified backup" in latest.stderr  # latest skips it
     restore = workspace.invoke("restore", "--engine", "postgres", "--file", str(backup), "--yes")
     assert restore.returncode == 1
     one_error_line(restore.stderr)
