@@ -100,7 +100,14 @@ def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[s
     except ToolError as exc:
         result.update(error=str(exc), stage=history.stage_of(exc, "restore"))
     finally:
-        engine.drop_database(db, place, target)
+        dropped = engine.drop_database(db, place, target)
+    if not dropped:
+        leftover = f"throwaway database {target} was left behind (could not drop it; see the warning above)"
+        result.update(ok=False, leftover=target)
+        if result.get("error"):
+            result["error"] += f"; {leftover}"
+        else:
+            result.update(error=leftover, stage="cleanup")
     result["seconds"] = round(time.monotonic() - started, 3)
     result["at"] = store.iso(store.utcnow())
     history.record_drill(spec.backup_dir, db.name, result)
@@ -114,8 +121,10 @@ def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[s
             result["rows"],
             target,
         )
-    else:
+    elif dropped:
         log.error("%s: drill FAILED: %s (throwaway %s dropped)", db.name, result["error"], target)
+    else:
+        log.error("%s: drill FAILED: %s", db.name, result["error"])
     return result
 
 
@@ -138,8 +147,11 @@ class _DrillFailed(ToolError):
 
 
 def summary(results: dict[str, dict[str, Any]]) -> str:
-    """'drill summary: 1 of 2 database(s) proven restorable; failed: x'."""
+    """'drill summary: 1 of 2 database(s) proven restorable; failed: x', plus the throwaway
+    databases that could not be dropped."""
     passed = [n for n, r in results.items() if r["ok"]]
     failed = [n for n, r in results.items() if not r["ok"]]
+    leftovers = [r["leftover"] for r in results.values() if r.get("leftover")]
     text = f"drill summary: {len(passed)} of {len(results)} database(s) proven restorable"
-    return text + (f"; failed: {', '.join(failed)}" if failed else "")
+    text += f"; failed: {', '.join(failed)}" if failed else ""
+    return text + (f"; throwaway database(s) left behind, drop by hand: {', '.join(leftovers)}" if leftovers else "")

@@ -527,6 +527,34 @@ def test_drill_catches_a_row_count_mismatch(workspace, sample_db):
     assert "last restore drill failed" in report["problems"][0]
 
 
+def test_drill_fails_when_its_throwaway_database_cannot_be_dropped(workspace, sample_db, tmp_path):
+    """A psql that refuses DROP DATABASE: the drill restores fine but reports the leftover
+    throwaway database by name (exit 1), and the log gives the exact command to drop it."""
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    backup_ok(workspace)
+    wrap = tmp_path / "wrap"
+    wrap.mkdir()
+    real = shutil.which("psql")
+    (wrap / "psql").write_text(
+        "#!/usr/bin/env python3\n"
+        "import os, subprocess, sys\n"
+        "data = sys.stdin.buffer.read()\n"
+        "if b'DROP DATABASE' in data:\n"
+        "    sys.exit('ERROR:  must be owner of database (psql double refusing DROP DATABASE)')\n"
+        f"sys.exit(subprocess.run([{real!r}, *sys.argv[1:]], input=data).returncode)\n"
+    )
+    (wrap / "psql").chmod(0o755)
+    result = workspace.invoke("drill", env={"PATH": f"{wrap}:{workspace.env['PATH']}"})
+    assert result.returncode == 1, result.stderr
+    [leftover] = databases_like(f"{sample_db.name}_drill")
+    assert "Traceback" not in result.stderr
+    assert f"throwaway database {leftover} was left behind" in result.stderr
+    assert f"left behind, drop by hand: {leftover}" in result.stderr  # the summary line
+    assert f'DROP DATABASE IF EXISTS "{leftover}" WITH (FORCE);' in result.stderr
+    drills = json.loads((workspace.backup_dir / "pg" / "drills.json").read_text())["drills"]
+    assert drills[0]["ok"] is False and drills[0]["leftover"] == leftover
+
+
 # -- disaster recovery -------------------------------------------------------------------------
 def test_restore_all_rebuilds_every_database(workspace, sample_db):
     second = ScratchDB()

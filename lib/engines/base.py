@@ -111,7 +111,8 @@ class Engine:
         ``seconds``."""
         raise NotImplementedError
 
-    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> None:
-        """Drop database ``name`` if it exists (restore drills' throwaways). Optional: engines
-        without it cannot run drills."""
+    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> bool:
+        """Drop database ``name`` if it exists (restore drills' throwaways). Returns True when it is
+        gone (or never existed); False when the drop failed, after logging a warning with the
+        command to run by hand. Optional: engines without it cannot run drills."""
         raise NotImplementedError

@@ -5,6 +5,7 @@ the target destroyed: restore into a new database, check it, then swap names in 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Mapping
@@ -13,12 +14,13 @@ from typing import Any
 from lib.config import DatabaseSpec
 from lib.engines import register
 from lib.engines.base import Engine, RestoreRequest
-from lib.errors import RunFailed, StageFailed, VerificationFailed
+from lib.errors import RunFailed, StageFailed, ToolError, VerificationFailed
 from lib.exec import Place, child_env, require_binary
 from lib.store import utcnow
 from lib.stream import Stage, TailSink, run_pipeline
 
 END_MARKER = "-- PostgreSQL database dump complete"
+log = logging.getLogger("backup")
 
 # Reads a plain SQL dump on stdin; prints the server version, one "T<tab>table<tab>rows" line
 # per COPY block, and a closing line saying whether the dump ended properly. COPY text format
@@ -295,12 +297,25 @@ class Postgres(Engine):
             raise
         self.psql(db, place, maint, f"ALTER DATABASE {p} WITH ALLOW_CONNECTIONS true;", "psql (unblock previous)")
 
-    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> None:
-        """Drop ``name`` (if it exists) via the maintenance database; errors are ignored."""
-        self._drop(db, place, db.options.get("maintenance_database", "postgres"), name)
+    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> bool:
+        """Drop ``name`` (if it exists) via the maintenance database. Returns False (after a
+        warning with the command to run by hand) when that failed."""
+        return self._drop(db, place, db.options.get("maintenance_database", "postgres"), name)
 
-    def _drop(self, db: DatabaseSpec, place: Place, maint: str, name: str) -> None:
+    def _drop(self, db: DatabaseSpec, place: Place, maint: str, name: str) -> bool:
+        """DROP DATABASE IF EXISTS ``name``. Never raises: returns False and logs a warning naming
+        the exact command for the operator when the drop failed (the database is left behind)."""
+        sql = f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE);"
         try:
-            self.psql(db, place, maint, f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE);", "psql (drop)")
-        except StageFailed:
-            pass
+            self.psql(db, place, maint, sql, "psql (drop)")
+        except ToolError as exc:
+            log.warning(
+                "%s: could not drop database %s (%s); it is left behind: drop it by hand, connected to database %s: %s",
+                db.name,
+                name,
+                exc,
+                maint,
+                sql,
+            )
+            return False
+        return True
