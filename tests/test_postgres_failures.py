@@ -128,6 +128,51 @@ def test_restore_failing_halfway_leaves_the_original_intact(workspace, scratch_d
     assert databases_like(scratch_db.name) == [scratch_db.name]
 
 
+def test_tampered_record_cannot_inject_sql_into_the_row_count_check(workspace, sample_db):
+    """Table names in a record are compared with the restored database's own tables, never run
+    as SQL; a recorded table that is not there is named."""
+    backup = make_backup(workspace, sample_db)
+    path = backup.with_name(backup.name + ".json")
+    record = json.loads(path.read_text())
+    tables = record["engine_meta"]["tables"]
+    injected = f"public.lessons; CREATE DATABASE {sample_db.name}_injected; --"
+    tables[injected] = tables.pop("public.lessons")
+    tables["public.zz_ghost"] = 7  # sorts after the injected name
+    path.write_text(json.dumps(record))
+    before = sample_db.checksums()
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes")
+    assert_one_line_error(result, 1, "restored database lacks tables the backup recorded: ", "public.zz_ghost")
+    assert injected in result.stderr
+    assert databases_like(f"{sample_db.name}_injected") == []  # the injected statement never ran
+    assert sample_db.checksums() == before
+    assert databases_like(sample_db.name) == [sample_db.name]
+
+
+def test_awkward_table_names_and_partitions_round_trip(workspace, scratch_db):
+    """Names that need quoting (schema and table) and a partitioned table: the restored database's
+    own names match the record's, and every count is checked."""
+    scratch_db.sql(
+        """
+        CREATE SCHEMA "Odd Schema";
+        CREATE TABLE "Odd Schema"."Mixed|Case ""q"" x" (id int);
+        INSERT INTO "Odd Schema"."Mixed|Case ""q"" x" SELECT generate_series(1, 7);
+        CREATE TABLE "select" (id int);
+        INSERT INTO "select" VALUES (1), (2);
+        CREATE TABLE events (id int, at date) PARTITION BY RANGE (at);
+        CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+        CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+        INSERT INTO events SELECT g, date '2025-06-01' + g FROM generate_series(1, 300) g;
+        """
+    )
+    backup = make_backup(workspace, scratch_db)
+    recorded = json.loads(backup.with_name(backup.name + ".json").read_text())["engine_meta"]["tables"]
+    assert recorded['"Odd Schema"."Mixed|Case ""q"" x"'] == 7 and recorded['public."select"'] == 2
+    other = f"{scratch_db.name}_copy"
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes", "--into", other)
+    assert result.returncode == 0, result.stderr
+    assert scratch_db.checksums(other) == scratch_db.checksums()
+
+
 def test_restore_terminates_sessions_on_the_target(workspace, sample_db):
     make_backup(workspace, sample_db)
     holder = subprocess.Popen(
