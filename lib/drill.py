@@ -87,7 +87,9 @@ def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[s
     try:
         with workdir(spec, needed=source is not None) as work:
             file_arg = locate(spec, db, source, work)
-            summary = restore(spec, db.engine, file_arg, db_name=db.name, into=target, confirm=None)
+            # drop_previous: the throwaway did not exist before, so there is nothing to keep (no
+            # safety archive of it left under pre-restore/ by engines that take one)
+            summary = restore(spec, db.engine, file_arg, db_name=db.name, into=target, drop_previous=True, confirm=None)
             backup = store.load(Path(summary["file"]))
             result.update(
                 ok=True,
