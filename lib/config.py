@@ -204,7 +204,8 @@ def _error_text(error: jsonschema.ValidationError) -> str:
 
 
 def validation_errors(data: Any) -> list[str]:
-    """Every schema problem as 'At 'a.b[0].c': message', sorted by path. Empty list when valid."""
+    """Every problem as 'At 'a.b[0].c': message': the schema's, sorted by path, then the checks a
+    schema cannot express (``consistency_errors``). Empty list when valid."""
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     seen: list[str] = []
@@ -212,7 +213,29 @@ def validation_errors(data: Any) -> list[str]:
         line = f"At '{_path_text(error.absolute_path)}': {_error_text(error)}"
         if line not in seen:
             seen.append(line)
-    return seen
+    return seen + consistency_errors(data)
+
+
+def consistency_errors(data: Any) -> list[str]:
+    """Problems across entries that JSON Schema cannot express: a destination name used more than
+    once (names are what --dest/--from and records refer to). Tolerates data the schema refused."""
+    destinations = data.get("destinations") if isinstance(data, dict) else None
+    if not isinstance(destinations, list):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for index, block in enumerate(destinations):
+        name = block.get("name") if isinstance(block, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            problems.append(
+                f"At 'destinations[{index}].name': destination name '{name}' is already used by "
+                f"destinations[{first[name]}]; names must be unique"
+            )
+        else:
+            first[name] = index
+    return problems
 
 
 def _apply_env_overrides(data: dict, env: Mapping[str, str]) -> None:
