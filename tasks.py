@@ -129,8 +129,7 @@ def list_(c, db=None, dest=None, config=None):
         print(f"{item.name} ({item.engine}, {item.database}): {len(backups)} backup(s)")
         for tier in store.TIERS:
             for b in (b for b in backups if b.tier == tier):
-                checks = ",".join(b.record.get("verified", {}).get("checks", []))
-                state = f"verified [{checks}]" if b.verified else "NOT verified"
+                state = b.verification_text()
                 print(
                     f"  {tier:<8} {b.path.name:<40} {store.human_size(b.record.get('size', 0)):>10} {store.human_age(now - b.created):>5} old  {state}"
                 )

@@ -12,6 +12,7 @@ from pathlib import Path
 from lib import compress, store
 from lib.backup import TOOL, check_stream, engine_of_file
 from lib.config import DatabaseSpec, Spec
+from lib.engines import get_engine
 from lib.errors import VerificationFailed
 from lib.stream import sha256_file
 
@@ -49,7 +50,7 @@ def adopt(spec: Spec, db: DatabaseSpec, log: logging.Logger, dry_run: bool = Fal
             "name": db.name,
             "engine": db.engine,
             "database": db.database,
-            "dump_format": "plain" if ".sql" in path.name else "native",
+            **get_engine(db.engine).record_fields(db),
             "tier": path.parent.name,
             "created": store.iso(created_from_name(path)),
             "file": path.name,

@@ -15,7 +15,7 @@ from typing import Any
 from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
 from lib.diskguard import check_free_space
-from lib.engines import get_engine
+from lib.engines import engine_for_file, get_engine
 from lib.errors import InputError, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
 from lib.progress import progress as progress_line
@@ -82,24 +82,28 @@ def check_stream(
     place: Place | None,
     decrypt: bool = False,
     plaintext: bytes | None = None,
+    name: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Read the stored file back through decode + engine inspection. Returns (checks, engine_meta).
-    Raises VerificationFailed (with the failing stage) when anything is wrong.
+    Raises VerificationFailed (with the failing stage) when anything is wrong. Messages call the
+    file ``name`` (default ``path.name``; a backup being made passes its final name, not the
+    temporary file's).
 
     A public-key encrypted file is decrypted only with ``decrypt`` (restore; needs the secret key);
     otherwise its packet structure is checked, plus ``plaintext`` (the inspection output of the
     stream before encryption, from the backup run) when given. A wrong passphrase or missing
     secret key raises EnvironmentProblem instead."""
     engine = get_engine(db.engine)
+    label = name or path.name
     kind = (record or {}).get("compression") or compress.kind_from_name(path.name)
     if crypto.is_encrypted(path) and crypto.file_mode(path) == "public-key" and not decrypt:
-        checks = crypto.check_structure(spec, path)
+        checks = crypto.check_structure(spec, path, name=label)
         if plaintext is None:
             return checks, {}
         try:
             meta = engine.check_summary(db, plaintext)
         except VerificationFailed as exc:
-            raise VerificationFailed(f"{path.name} failed verification before encryption: {exc}") from None
+            raise VerificationFailed(f"{label} failed verification before encryption: {exc}") from None
         before = ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
         return checks + [f"pre-encryption:{check}" for check in before], meta
     decode = decode_stages(spec, path, record)
@@ -107,15 +111,15 @@ def check_stream(
     result = run_pipeline(stages, TailSink(256 * 1024), source=path)
     cause = result.cause()
     if cause is not None:
-        crypto.explain_failure(spec, cause, path)
+        crypto.explain_failure(spec, cause, path, name=label)
         raise VerificationFailed(
-            f"{path.name} failed verification: {cause.name} exited with status {cause.returncode}: "
+            f"{label} failed verification: {cause.name} exited with status {cause.returncode}: "
             f"{cause.stderr or 'no message'}"
         )
     try:
         meta = engine.check_summary(db, result.tail)
     except VerificationFailed as exc:
-        raise VerificationFailed(f"{path.name} failed verification: {exc}") from None
+        raise VerificationFailed(f"{label} failed verification: {exc}") from None
     checks = ["gpg-decrypt"] if crypto.is_encrypted(path) else []
     checks += ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
     return checks, meta
@@ -181,7 +185,7 @@ def write_verified(
     when = "before encryption" if public_key else "while it was written"
     if cause is not None and cause.name.endswith(label):  # the dump worked; its check did not
         if cause.name.startswith(crypto.DECRYPT_NAME):
-            crypto.explain_failure(spec, replace(cause, name=crypto.DECRYPT_NAME), tmp)
+            crypto.explain_failure(spec, replace(cause, name=crypto.DECRYPT_NAME), tmp, name=final_name)
         raise VerificationFailed(
             f"{final_name} failed verification {when}: {cause.name} exited with status {cause.returncode}: "
             f"{cause.stderr or 'no message'}"
@@ -197,9 +201,9 @@ def write_verified(
     stream_checks = ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
     if public_key:
         try:
-            structure = crypto.check_structure(spec, tmp)
+            structure = crypto.check_structure(spec, tmp, name=final_name)
         except VerificationFailed as exc:
-            raise VerificationFailed(f"{final_name}: {exc}") from None
+            raise VerificationFailed(str(exc)) from None
         return result, structure + [f"pre-encryption:{c}" for c in stream_checks], meta
     return result, (["gpg-decrypt"] if encrypt else []) + stream_checks, meta
 
@@ -241,7 +245,7 @@ def run_backup(
             "name": db.name,
             "engine": db.engine,
             "database": db.database,
-            "dump_format": db.options.get("format", "native") if db.engine == "postgres" else "native",
+            **engine.record_fields(db),
             "tier": p.tier,
             "created": store.iso(created),
             "file": p.path.name,
@@ -320,12 +324,7 @@ def engine_of_file(path: Path, record: dict[str, Any] | None) -> str | None:
     """Engine a backup file belongs to: from its record, else guessed from its name."""
     if record and record.get("engine"):
         return record["engine"]
-    name = path.name[:-4] if path.name.endswith(".gpg") else path.name
-    if ".sql" in name or name.endswith(".dump"):
-        return "postgres"
-    if ".archive" in name:
-        return "mongodb"
-    return None
+    return engine_for_file(path.name)
 
 
 @dataclass

@@ -14,23 +14,46 @@ from lib import log as logsetup
 from lib.config import Spec, load_spec
 from lib.errors import InputError, ToolError
 
+INTERRUPTED = "interrupted (Ctrl-C); see the log for what was completed"
+#: exit status when stdout's reader went away (e.g. ``invoke list | head -1``), as for SIGPIPE
+BROKEN_PIPE_EXIT = 128 + 13
+
 
 def guarded(func: Callable) -> Callable:
-    """Run a task body with umask 077; turn ToolError into a one-line message and its exit code."""
+    """Run a task body with umask 077; turn ToolError into a one-line message and its exit code,
+    Ctrl-C into one truthful line (exit 130) and a closed stdout pipe into a quiet exit 141.
+    Never a traceback for any of them."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         os.umask(0o077)
         try:
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        except BrokenPipeError:
+            _silence_stdout()
+            raise Exit(code=BROKEN_PIPE_EXIT) from None
         except ToolError as exc:
             message = str(exc)
             prefix = "error: " if exc.exit_code == 2 else "FAILED: "
             raise Exit(prefix + message, code=exc.exit_code) from None
         except KeyboardInterrupt:
-            raise Exit("interrupted; temporary files were removed, nothing was renamed", code=130) from None
+            raise Exit(INTERRUPTED, code=130) from None
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is still buffered
+    does not raise BrokenPipeError again on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def spec_and_log(config: str | None, with_file_log: bool = True) -> Spec:

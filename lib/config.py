@@ -17,6 +17,7 @@ import jsonschema
 import yaml
 
 from lib.errors import ConfigError
+from lib.exec import protect_secrets
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "backup.schema.json"
 TIERS = ("daily", "weekly", "monthly")
@@ -85,6 +86,15 @@ class Spec:
         """A path from backup.yml, with ~ expanded and relative paths anchored at base_dir."""
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def secret_env_names(self) -> frozenset[str]:
+        """Environment variables backup.yml names as holding secrets: every database's
+        ``password_env`` and ``encryption.passphrase_env``."""
+        names = {db.password_env for db in self.databases.values() if db.password_env}
+        if self.encryption.get("passphrase_env"):
+            names.add(self.encryption["passphrase_env"])
+        return frozenset(names)
 
     def select(self, names: list[str] | None) -> list[DatabaseSpec]:
         """Databases named by --db (all when ``names`` is empty). Raises ConfigError for unknown names."""
@@ -194,7 +204,8 @@ def _error_text(error: jsonschema.ValidationError) -> str:
 
 
 def validation_errors(data: Any) -> list[str]:
-    """Every schema problem as 'At 'a.b[0].c': message', sorted by path. Empty list when valid."""
+    """Every problem as 'At 'a.b[0].c': message': the schema's, sorted by path, then the checks a
+    schema cannot express (``consistency_errors``). Empty list when valid."""
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     seen: list[str] = []
@@ -202,7 +213,29 @@ def validation_errors(data: Any) -> list[str]:
         line = f"At '{_path_text(error.absolute_path)}': {_error_text(error)}"
         if line not in seen:
             seen.append(line)
-    return seen
+    return seen + consistency_errors(data)
+
+
+def consistency_errors(data: Any) -> list[str]:
+    """Problems across entries that JSON Schema cannot express: a destination name used more than
+    once (names are what --dest/--from and records refer to). Tolerates data the schema refused."""
+    destinations = data.get("destinations") if isinstance(data, dict) else None
+    if not isinstance(destinations, list):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for index, block in enumerate(destinations):
+        name = block.get("name") if isinstance(block, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            problems.append(
+                f"At 'destinations[{index}].name': destination name '{name}' is already used by "
+                f"destinations[{first[name]}]; names must be unique"
+            )
+        else:
+            first[name] = index
+    return problems
 
 
 def _apply_env_overrides(data: dict, env: Mapping[str, str]) -> None:
@@ -236,6 +269,8 @@ def load_spec(config_path: str | os.PathLike | None = None, environ: Mapping[str
 
     ``config_path`` defaults to $BACKUP_CONFIG, then ./backup.yml. The .env file next to the config
     fills variables that ``environ`` (default os.environ) does not already set.
+    The variables holding secrets (``Spec.secret_env_names``) are then kept away from every child
+    process (lib.exec.protect_secrets; removed from os.environ, their values stay in ``Spec.env``).
     Raises ConfigError listing every problem at once.
     """
     environ = dict(os.environ if environ is None else environ)
@@ -277,7 +312,7 @@ def load_spec(config_path: str | os.PathLike | None = None, environ: Mapping[str
     else:
         backup_path = Path(os.path.expanduser(backup_dir))
         backup_path = backup_path if backup_path.is_absolute() else path.parent / backup_path
-    return Spec(
+    spec = Spec(
         config_path=path,
         backup_dir=backup_path.resolve(),
         weekly_on=WEEKDAYS.index(schedule.get("weekly_on", "sunday")),
@@ -292,3 +327,5 @@ def load_spec(config_path: str | os.PathLike | None = None, environ: Mapping[str
         env=env,
         raw=data,
     )
+    protect_secrets(spec.secret_env_names)
+    return spec

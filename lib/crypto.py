@@ -126,9 +126,9 @@ def passphrase(spec: Spec, required: bool = True) -> bytes | None:
     """The configured passphrase as UTF-8 bytes, or None when none is configured and not ``required``.
 
     Reads encryption.passphrase_env (from the environment or .env) or encryption.passphrase_file.
-    An environment variable is then removed from this process's environment, so no child process
-    (pg_dump, compressors, gpg) inherits it. Raises InputError naming the problem and the fix,
-    never including the passphrase.
+    The variable never reaches a child process (pg_dump, compressors, gpg): load_spec protects it
+    with every other configured secret variable (lib.exec.protect_secrets). Raises InputError
+    naming the problem and the fix, never including the passphrase.
     """
     enc = spec.encryption
     if enc.get("passphrase_file"):
@@ -137,7 +137,6 @@ def passphrase(spec: Spec, required: bool = True) -> bytes | None:
     elif enc.get("passphrase_env"):
         name = enc["passphrase_env"]
         value = spec.env.get(name, "")
-        os.environ.pop(name, None)
         secret = value.encode("utf-8", "surrogateescape")
         where = f"${name} (encryption.passphrase_env)"
         if not secret:
@@ -372,26 +371,28 @@ def decrypt_stages(spec: Spec, path: Path | None, file_kind: str | None = None) 
     return [_with_passphrase(DECRYPT_NAME, base, options, secret)]
 
 
-def explain_failure(spec: Spec, failed: StageResult, path: Path) -> None:
+def explain_failure(spec: Spec, failed: StageResult, path: Path, name: str | None = None) -> None:
     """Raise EnvironmentProblem (exit 2) when a failed gpg --decrypt means a wrong passphrase or a
-    missing secret key rather than a damaged file. Returns otherwise."""
+    missing secret key rather than a damaged file. Returns otherwise. ``name`` is how messages
+    call the file (default its own name)."""
     if failed.name != DECRYPT_NAME:
         return
+    label = name or path.name
     text = failed.stderr.lower()
     if "bad session key" in text:
         raise EnvironmentProblem(
-            f"cannot decrypt {path.name}: wrong passphrase; check encryption.passphrase_env/passphrase_file "
+            f"cannot decrypt {label}: wrong passphrase; check encryption.passphrase_env/passphrase_file "
             "(the one used when the backup was made)"
         )
     if "bad passphrase" in text:
         raise EnvironmentProblem(
-            f"cannot decrypt {path.name}: wrong passphrase for the secret key; "
+            f"cannot decrypt {label}: wrong passphrase for the secret key; "
             "fix encryption.passphrase_env/passphrase_file"
         )
     if "no secret key" in text:
         ids = ", ".join(p.keyid for p in read_packets(path, strict=False) if p.keyid) or "its recipients"
         raise EnvironmentProblem(
-            f"cannot decrypt {path.name}: no usable secret key for {ids} in keyring {_keyring_label(spec)}; "
+            f"cannot decrypt {label}: no usable secret key for {ids} in keyring {_keyring_label(spec)}; "
             f"import the backup secret key there (gpg --homedir {_keyring_label(spec)} --import backup-secret.asc), "
             "and set passphrase_env/passphrase_file if it has a passphrase"
         )
@@ -439,21 +440,22 @@ def _new_length(reader: _Reader) -> tuple[int, bool]:
     return 1 << (first & 0x1F), True
 
 
-def read_packets(path: Path, strict: bool = True) -> list[Packet]:
+def read_packets(path: Path, strict: bool = True, name: str | None = None) -> list[Packet]:
     """Walk the OpenPGP packets of ``path`` by their headers (bodies are skipped, so this reads a
     few bytes per packet or partial-length chunk). With ``strict``, raises VerificationFailed when
     the file is not OpenPGP data or a packet runs past its end (truncated); else returns what was
-    readable."""
+    readable. ``name`` is how messages call the file (default its own name)."""
     packets: list[Packet] = []
     size = path.stat().st_size
+    label = name or path.name
     with open(path, "rb") as handle:
-        reader = _Reader(handle, size, path.name)
+        reader = _Reader(handle, size, label)
         try:
             while handle.tell() < size:
                 offset = handle.tell()
                 ctb = reader.exact(1)[0]
                 if not ctb & 0x80:
-                    raise VerificationFailed(f"{path.name}: no OpenPGP packet at byte {offset}; the file is damaged")
+                    raise VerificationFailed(f"{label}: no OpenPGP packet at byte {offset}; the file is damaged")
                 body = b""
                 if ctb & 0x40:
                     tag, partial, length = ctb & 0x3F, True, 0
@@ -491,17 +493,19 @@ def file_mode(path: Path) -> str:
     return {TAG_PKESK: "public-key", TAG_SKESK: "symmetric"}.get(tag, "unknown")
 
 
-def check_structure(spec: Spec, path: Path) -> list[str]:
+def check_structure(spec: Spec, path: Path, name: str | None = None) -> list[str]:
     """Check a public-key encrypted file without its secret key: our packet walk (session key
     packets, then exactly one encrypted data packet ending exactly at the end of the file, so a
     truncated file fails) and gpg's own parse (``gpg --list-packets --list-only``, which reads the
-    whole encrypted stream). Returns the checks done. Raises VerificationFailed."""
-    packets = read_packets(path)
+    whole encrypted stream). Returns the checks done. Raises VerificationFailed; its message calls
+    the file ``name`` (default its own name)."""
+    label = name or path.name
+    packets = read_packets(path, name=label)
     tags = [p.tag for p in packets]
     if not tags or tags[-1] not in DATA_TAGS or tags.count(tags[-1]) != 1:
-        raise VerificationFailed(f"{path.name}: no single encrypted data packet at its end; the file is damaged")
+        raise VerificationFailed(f"{label}: no single encrypted data packet at its end; the file is damaged")
     if not all(t == TAG_PKESK for t in tags[:-1]) or TAG_PKESK not in tags:
-        raise VerificationFailed(f"{path.name}: not encrypted to public keys (no public-key session packet)")
+        raise VerificationFailed(f"{label}: not encrypted to public keys (no public-key session packet)")
     proc = subprocess.run(
         [*_gpg_base(spec), "--list-packets", "--list-only", str(path)],
         capture_output=True,
@@ -510,8 +514,8 @@ def check_structure(spec: Spec, path: Path) -> list[str]:
     listing = proc.stdout.decode("utf-8", "replace")
     if proc.returncode != 0 or ":pubkey enc packet:" not in listing or ":encrypted data packet:" not in listing:
         raise VerificationFailed(
-            f"{path.name} failed verification: gpg --list-packets exited with status {proc.returncode}: "
-            f"{tail_text(proc.stderr) or 'no public-key and encrypted data packets'}"
+            f"{label} failed verification: gpg --list-packets exited with status {proc.returncode}: "
+            f"{tail_text(proc.stderr).replace(path.name, label) or 'no public-key and encrypted data packets'}"
         )
     return ["gpg-packets", "openpgp-framing"]
 

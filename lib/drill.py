@@ -87,7 +87,9 @@ def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[s
     try:
         with workdir(spec, needed=source is not None) as work:
             file_arg = locate(spec, db, source, work)
-            summary = restore(spec, db.engine, file_arg, db_name=db.name, into=target, confirm=None)
+            # drop_previous: the throwaway did not exist before, so there is nothing to keep (no
+            # safety archive of it left under pre-restore/ by engines that take one)
+            summary = restore(spec, db.engine, file_arg, db_name=db.name, into=target, drop_previous=True, confirm=None)
             backup = store.load(Path(summary["file"]))
             result.update(
                 ok=True,
@@ -100,7 +102,14 @@ def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[s
     except ToolError as exc:
         result.update(error=str(exc), stage=history.stage_of(exc, "restore"))
     finally:
-        engine.drop_database(db, place, target)
+        dropped = engine.drop_database(db, place, target)
+    if not dropped:
+        leftover = f"throwaway database {target} was left behind (could not drop it; see the warning above)"
+        result.update(ok=False, leftover=target)
+        if result.get("error"):
+            result["error"] += f"; {leftover}"
+        else:
+            result.update(error=leftover, stage="cleanup")
     result["seconds"] = round(time.monotonic() - started, 3)
     result["at"] = store.iso(store.utcnow())
     history.record_drill(spec.backup_dir, db.name, result)
@@ -114,8 +123,10 @@ def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[s
             result["rows"],
             target,
         )
-    else:
+    elif dropped:
         log.error("%s: drill FAILED: %s (throwaway %s dropped)", db.name, result["error"], target)
+    else:
+        log.error("%s: drill FAILED: %s", db.name, result["error"])
     return result
 
 
@@ -138,8 +149,11 @@ class _DrillFailed(ToolError):
 
 
 def summary(results: dict[str, dict[str, Any]]) -> str:
-    """'drill summary: 1 of 2 database(s) proven restorable; failed: x'."""
+    """'drill summary: 1 of 2 database(s) proven restorable; failed: x', plus the throwaway
+    databases that could not be dropped."""
     passed = [n for n, r in results.items() if r["ok"]]
     failed = [n for n, r in results.items() if not r["ok"]]
+    leftovers = [r["leftover"] for r in results.values() if r.get("leftover")]
     text = f"drill summary: {len(passed)} of {len(results)} database(s) proven restorable"
-    return text + (f"; failed: {', '.join(failed)}" if failed else "")
+    text += f"; failed: {', '.join(failed)}" if failed else ""
+    return text + (f"; throwaway database(s) left behind, drop by hand: {', '.join(leftovers)}" if leftovers else "")

@@ -3,6 +3,11 @@
 Commands are argument lists. Secrets travel only in the child's environment: in container mode
 ``docker exec -e NAME`` (no value) copies NAME from the docker client's environment, so no
 secret ever appears in any argv.
+
+Every child process starts from ``child_env()``: this process's environment minus the variables
+backup.yml names as holding secrets (each database's ``password_env``, ``encryption.passphrase_env``;
+registered by ``protect_secrets`` when the config is loaded). A child that needs a secret gets it
+under the name it expects (``PGPASSWORD``, ``LEMON_MONGO_CONFIG``) through ``Place.secrets``.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lib.errors import EnvironmentProblem, StageFailed
@@ -35,6 +40,30 @@ PACKAGES = {
     "mongosh": "mongodb-mongosh",
     "crontab": "cron",
 }
+
+
+# Names of environment variables that hold secrets (values are never kept here).
+_SECRET_NAMES: set[str] = set()
+
+
+def protect_secrets(names: Iterable[str]) -> None:
+    """Keep the variables ``names`` away from every child process: remember them for
+    ``child_env`` and remove them from this process's environment (so even a child started
+    without ``child_env``, e.g. by a library, cannot inherit them). Their values must already
+    have been read (``Spec.env`` keeps them)."""
+    for name in names:
+        if name:
+            _SECRET_NAMES.add(name)
+            os.environ.pop(name, None)
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process: ours without the protected secret variables, plus
+    ``extra`` (which may deliberately carry a secret under the name the child needs)."""
+    env = {key: value for key, value in os.environ.items() if key not in _SECRET_NAMES}
+    if extra:
+        env.update(extra)
+    return env
 
 
 def require_binary(name: str) -> str:
@@ -77,9 +106,9 @@ class Place:
         return prefix + [self.container] + list(command)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Environment for the child process: ours, plus secrets, plus ``extra``."""
-        env = dict(os.environ)
-        env.update(self.secrets)
+        """Environment for the child process: ``child_env()`` (ours without any configured secret
+        variable), plus this place's secrets under the names the tools need, plus ``extra``."""
+        env = child_env(self.secrets)
         if extra:
             env.update(extra)
         return env
@@ -96,6 +125,7 @@ class Place:
                 [docker, "inspect", "--format", "{{.State.Running}}", self.container],
                 capture_output=True,
                 timeout=30,
+                env=child_env(),
             )
         except subprocess.TimeoutExpired:
             raise EnvironmentProblem("docker inspect timed out; is the Docker daemon responsive?") from None

@@ -27,7 +27,7 @@ from typing import Any
 from lib import log as logsetup
 from lib.config import Spec
 from lib.errors import ToolError
-from lib.exec import tail_text
+from lib.exec import child_env, tail_text
 from lib.history import stage_of
 
 HOOK_TIMEOUT = 30.0
@@ -113,7 +113,7 @@ def run_hook(name: str, hook: Any, env: Mapping[str, str]) -> bool:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
+                env=child_env(env),
                 start_new_session=True,  # so a timeout can kill everything it started
             )
         except OSError as exc:

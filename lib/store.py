@@ -104,6 +104,34 @@ class Backup:
     def verified(self) -> bool:
         return bool(self.record.get("verified", {}).get("ok"))
 
+    def note_reverification(self, checks: list[str] | None = None, error: str | None = None) -> None:
+        """Add a re-verification (invoke verify) to the record without losing what was checked
+        when the backup was made: ``verified.checks``/``verified.at`` stay, the outcome goes to
+        ``verified.reverified_at`` and ``verified.reverify_checks``. An ``error`` marks the
+        backup not verified (``ok`` False, so restore 'latest' and retention's keeper skip it);
+        a later success clears it. Call save() afterwards."""
+        verified = dict(self.record.get("verified") or {})
+        verified["reverified_at"] = iso(utcnow())
+        if error is None:
+            verified.update(ok=True, reverify_checks=list(checks or []))
+            verified.pop("error", None)
+        else:
+            verified.update(ok=False, error=error[:500])
+            verified.pop("reverify_checks", None)
+        self.record["verified"] = verified
+
+    def verification_text(self) -> str:
+        """'verified [checks]' plus '; re-verified TIME [checks]' after invoke verify, or
+        'NOT verified' (with when a re-verification failed), for listings."""
+        verified = self.record.get("verified") or {}
+        again = verified.get("reverified_at")
+        if not verified.get("ok"):
+            return f"NOT verified (re-verification failed {again})" if again else "NOT verified"
+        text = f"verified [{','.join(verified.get('checks', []))}]"
+        if again:
+            text += f"; re-verified {again} [{','.join(verified.get('reverify_checks', []))}]"
+        return text
+
     @property
     def record_path(self) -> Path:
         return record_path(self.path)

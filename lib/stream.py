@@ -19,14 +19,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lib.errors import StageFailed
-from lib.exec import require_binary, tail_text
+from lib.exec import child_env, require_binary, tail_text
 
 CHUNK = 1 << 20  # 1 MiB reads at the sink
 
 
 @dataclass
 class Stage:
-    """One process of a pipeline. ``env`` replaces the environment when given; ``pass_fds`` are inherited."""
+    """One process of a pipeline. ``env`` replaces the environment when given (build it with
+    lib.exec.child_env or Place.env), else the child gets ``child_env()``; ``pass_fds`` are inherited."""
 
     name: str
     argv: Sequence[str]
@@ -163,7 +164,7 @@ def _start(stage: Stage, stdin, stdout) -> tuple[subprocess.Popen, object]:
             stdin=stdin,
             stdout=stdout,
             stderr=err,
-            env=dict(stage.env) if stage.env is not None else None,
+            env=dict(stage.env) if stage.env is not None else child_env(),
             pass_fds=stage.pass_fds,
             close_fds=True,
         )

@@ -1,5 +1,6 @@
-"""Re-verification of stored backups (invoke verify): results are written back into the records,
-so a backup that no longer verifies is never picked as 'latest' for a restore."""
+"""Re-verification of stored backups (invoke verify): results are added to the records (next to
+the checks made when the backup was made, which stay), so a backup that no longer verifies is
+never picked as 'latest' for a restore."""
 
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ def verify_one(spec: Spec, db: DatabaseSpec, path: Path, backup: store.Backup | 
     except VerificationFailed as exc:
         log.error("%s: %s", db.name, exc)
         if backup:
-            backup.record["verified"] = {"ok": False, "at": store.iso(store.utcnow()), "error": str(exc)[:500]}
+            backup.note_reverification(error=str(exc))
             backup.save()
         return False
     if backup:
-        backup.record["verified"] = {"ok": True, "at": store.iso(store.utcnow()), "checks": checks}
+        backup.note_reverification(checks)
         backup.save()
     log.info("%s: %s OK (%s)", db.name, path.name, ", ".join(checks))
     return True

@@ -125,3 +125,26 @@ def test_password_env_must_name_a_variable_not_hold_a_password():
         "At 'databases.pg.password_env': must be the NAME of an environment variable (letters, digits, _), "
         "not the secret itself"
     ]
+
+
+def test_duplicate_destination_names_are_reported_by_validate_with_schema_problems(workspace, tmp_path):
+    target = tmp_path / "nas"
+    target.mkdir()
+    workspace.write_config(
+        BASE
+        + f"""    colour: blue
+destinations:
+  - {{name: vault, type: rsync, target: {target}}}
+  - {{name: other, type: rsync, target: {target}}}
+  - {{name: vault, type: rsync, target: {target}}}
+"""
+    )
+    result = workspace.invoke("validate")
+    assert result.returncode == 2, result.stderr
+    assert "has 2 problems" in result.stderr
+    assert (
+        "At 'destinations[2].name': destination name 'vault' is already used by destinations[0]; "
+        "names must be unique" in result.stderr
+    )
+    assert "'colour' was unexpected" in result.stderr
+    assert "Traceback" not in result.stderr

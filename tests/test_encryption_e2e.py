@@ -4,6 +4,7 @@ in the test."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, databases_like
+from conftest import DOUBLES, ROOT, databases_like
 from gpgkeys import GPG, keyring_factory
 
 PASSPHRASE = "two words 'single' \"double\" 한국어 비밀 ü $HOME \\n"
@@ -165,6 +166,27 @@ def test_symmetric_round_trip_secret_never_in_argv_or_child_environment(workspac
     untouched(sample_db, changed)
 
 
+def test_failure_before_encryption_names_the_final_backup(workspace, sample_db, keyrings):
+    """The check before encryption fails on a truncated dump: the message names the backup's final
+    name (what the operator knows), never the temporary .tmp-backup_... file."""
+    owner, host = keyrings(), keyrings()
+    fpr = owner.new_key("ops@example.com")
+    host.import_keys(owner.export(fpr))
+    encrypted_config(
+        workspace,
+        sample_db.name,
+        {"mode": "public-key", "recipients": ["ops@example.com"], "gnupghome": str(host.home)},
+    )
+    env = {"PATH": f"{DOUBLES / 'faulty'}:{workspace.env['PATH']}", "PG_DUMP_FAULT": "truncate-exit0"}
+    result = workspace.invoke("backup", "--all", env=env)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    pattern = r"backup FAILED: backup_\d{8}_\d{6}\.sql\.gz\.gpg failed verification before encryption: "
+    assert re.search(pattern, result.stderr), result.stderr
+    assert ".tmp-" not in result.stderr
+    assert workspace.backups() == []
+
+
 def test_public_key_round_trip_backup_host_without_secret_key(workspace, sample_db, keyrings):
     owner, host = keyrings(), keyrings()
     fpr = owner.new_key("ops@example.com")
@@ -196,6 +218,13 @@ def test_public_key_round_trip_backup_host_without_secret_key(workspace, sample_
     verify = workspace.invoke("verify")
     assert verify.returncode == 0, verify.stderr
     assert "OK (sha256, gpg-packets, openpgp-framing)" in verify.stderr
+    # re-verification is added to the record; the checks made before encryption stay
+    record = json.loads(backup.with_name(backup.name + ".json").read_text())
+    assert record["verified"]["checks"] == checks
+    assert record["verified"]["reverify_checks"] == ["sha256", "gpg-packets", "openpgp-framing"]
+    assert record["verified"]["ok"] is True and record["verified"]["reverified_at"]
+    listing = workspace.invoke("list").stdout
+    assert "pre-encryption:dump-complete" in listing and "re-verified " in listing
 
     sample_db.sql("UPDATE users SET name = 'changed';")
     changed = sample_db.checksums()
@@ -219,6 +248,12 @@ def test_public_key_round_trip_backup_host_without_secret_key(workspace, sample_
     verify = workspace.invoke("verify")
     assert verify.returncode == 1
     assert "truncated" in verify.stderr
+    record = json.loads(backup.with_name(backup.name + ".json").read_text())
+    assert record["verified"]["ok"] is False and "truncated" in record["verified"]["error"]
+    assert record["verified"]["checks"] == checks  # what the backup run proved is kept, marked not ok
+    assert "NOT verified (re-verification failed" in workspace.invoke("list").stdout
+    latest = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes")
+    assert latest.returncode == 2 and "no verified backup" in latest.stderr  # latest skips it
     restore = workspace.invoke("restore", "--engine", "postgres", "--file", str(backup), "--yes")
     assert restore.returncode == 1
     one_error_line(restore.stderr)

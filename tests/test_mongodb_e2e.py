@@ -464,3 +464,32 @@ def test_double_dump_is_a_real_archive_and_restore_consumes_it(mongo):
         [str(MONGO_DOUBLES / "mongorestore"), "--archive"], input=dump.stdout[:-10], env=env, capture_output=True
     )
     assert truncated.returncode == 1
+
+
+# -- drills -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("container", [True, False])
+def test_drill_restores_counts_and_drops_its_throwaway(mongo, container):
+    mongo.ws.write_config(mongo.config(container=container))
+    assert mongo.backup().returncode == 0
+    result = mongo.ws.invoke("drill")
+    assert result.returncode == 0, result.stderr
+    assert "1 of 1 database(s) proven restorable" in result.stdout
+    assert "3 tables / 37 rows match the record" in result.stderr
+    state = mongo.state()
+    assert not [name for name in state if "_drill_" in name]  # the throwaway was dropped
+    assert counts(state) == counts(INITIAL) and state["other"] == INITIAL["other"]  # nothing else touched
+    [drop] = [c for c in mongo.calls() if c["tool"] in ("mongosh", "mongo") and "dropDatabase()" in c["argv"][-1]]
+    assert "_drill_" in json.loads(drop["argv"][-1].split(";", 1)[0][len("var P = ") :])["db"]
+    assert not list((mongo.ws.backup_dir / "mongo").glob("pre-restore/*"))  # no safety archive of a throwaway
+    assert_password_never_leaked(mongo, result)
+
+
+def test_drill_fails_when_the_throwaway_cannot_be_dropped(mongo):
+    mongo.ws.write_config(mongo.config())
+    assert mongo.backup().returncode == 0
+    result = mongo.ws.invoke("drill", env={"MONGO_DOUBLE_FAIL": "mongosh-drop"})
+    assert result.returncode == 1, result.stderr
+    [leftover] = [name for name in mongo.state() if "_drill_" in name]
+    assert f"throwaway database {leftover} was left behind" in result.stderr
+    assert "dropDatabase()" in result.stderr and "not authorized" in result.stderr
+    assert_password_never_leaked(mongo, result)

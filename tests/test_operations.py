@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import signal
 import socket
@@ -376,6 +377,58 @@ def test_wait_for_the_lock_then_run(workspace, sample_db):
     assert len(workspace.backups()) == 1
 
 
+def test_ctrl_c_is_one_truthful_line_and_exit_130(workspace, sample_db):
+    """Ctrl-C during a restore (here: while it waits for the lock) must not claim that 'nothing
+    was renamed': the message is true for every task, without a traceback."""
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    holder = hold_lock(workspace)
+    log = workspace.backup_dir / "backup.log"
+    argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "restore", "--engine", "postgres"]
+    argv += ["--file", "latest", "--yes", "--wait", "120", "--config", str(workspace.config)]
+    waiter = subprocess.Popen(
+        argv, cwd=workspace.path, env=workspace.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(600):
+            if log.exists() and "waiting up to 120s" in log.read_text():
+                break
+            assert waiter.poll() is None, waiter.communicate()
+            time.sleep(0.05)
+        else:
+            pytest.fail("the restore never reported waiting")
+        waiter.send_signal(signal.SIGINT)
+        _, err = waiter.communicate(timeout=60)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert waiter.returncode == 130, err
+    assert "interrupted (Ctrl-C); see the log for what was completed" in err
+    assert "nothing was renamed" not in err and "Traceback" not in err
+
+
+def test_output_cut_by_a_closed_pipe_exits_quietly(workspace, sample_db):
+    """invoke list | head -1: the reader is gone; exit 141 like any tool killed by SIGPIPE, no traceback."""
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    for task in (["list"], ["status"], ["status", "--json"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader has already gone, as after head -1
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "invoke", "-r", str(ROOT), *task, "--config", str(workspace.config)],
+                cwd=workspace.path,
+                env=workspace.env,
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            os.close(write_end)
+        assert proc.returncode == 141, (task, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
 def test_killed_run_never_blocks_the_next(workspace, sample_db):
     workspace.write_config(workspace.postgres_config(sample_db.name))
     holder = hold_lock(workspace)
@@ -472,6 +525,34 @@ def test_drill_catches_a_row_count_mismatch(workspace, sample_db):
     code, report = status_json(workspace)
     assert code == 1 and report["databases"]["pg"]["last_drill"]["ok"] is False
     assert "last restore drill failed" in report["problems"][0]
+
+
+def test_drill_fails_when_its_throwaway_database_cannot_be_dropped(workspace, sample_db, tmp_path):
+    """A psql that refuses DROP DATABASE: the drill restores fine but reports the leftover
+    throwaway database by name (exit 1), and the log gives the exact command to drop it."""
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    backup_ok(workspace)
+    wrap = tmp_path / "wrap"
+    wrap.mkdir()
+    real = shutil.which("psql")
+    (wrap / "psql").write_text(
+        "#!/usr/bin/env python3\n"
+        "import os, subprocess, sys\n"
+        "data = sys.stdin.buffer.read()\n"
+        "if b'DROP DATABASE' in data:\n"
+        "    sys.exit('ERROR:  must be owner of database (psql double refusing DROP DATABASE)')\n"
+        f"sys.exit(subprocess.run([{real!r}, *sys.argv[1:]], input=data).returncode)\n"
+    )
+    (wrap / "psql").chmod(0o755)
+    result = workspace.invoke("drill", env={"PATH": f"{wrap}:{workspace.env['PATH']}"})
+    assert result.returncode == 1, result.stderr
+    [leftover] = databases_like(f"{sample_db.name}_drill")
+    assert "Traceback" not in result.stderr
+    assert f"throwaway database {leftover} was left behind" in result.stderr
+    assert f"left behind, drop by hand: {leftover}" in result.stderr  # the summary line
+    assert f'DROP DATABASE IF EXISTS "{leftover}" WITH (FORCE);' in result.stderr
+    drills = json.loads((workspace.backup_dir / "pg" / "drills.json").read_text())["drills"]
+    assert drills[0]["ok"] is False and drills[0]["leftover"] == leftover
 
 
 # -- disaster recovery -------------------------------------------------------------------------

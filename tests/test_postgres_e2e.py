@@ -23,6 +23,7 @@ def test_round_trip_host_mode_same_rows(workspace, sample_db):
     record = json.loads((backup.parent / (backup.name + ".json")).read_text())
     assert record["verified"]["ok"] is True
     assert record["engine_meta"]["tables"] == {"public.lessons": 120, "public.messages": 500, "public.users": 300}
+    assert record["dump_format"] == "plain"  # from the engine (format: plain is the default)
 
     sample_db.sql("DELETE FROM messages WHERE id > 10; UPDATE users SET name = 'changed';")
     result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes")
@@ -62,6 +63,8 @@ def test_formats_and_compressors_round_trip(workspace, sample_db, options, suffi
     assert workspace.invoke("backup", "--all").returncode == 0
     [backup] = workspace.backups()
     assert backup.name.endswith(suffix)
+    record = json.loads(backup.with_name(backup.name + ".json").read_text())
+    assert record["dump_format"] == options.get("format", "plain")
     verify = workspace.invoke("verify", "--file", str(backup))
     assert verify.returncode == 0, verify.stderr
     sample_db.sql("DROP TABLE messages;")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -36,6 +37,11 @@ def test_broken_dump_never_becomes_a_backup(workspace, sample_db, fault, needle)
     result = workspace.invoke("backup", "--all", env=env)
     assert_one_line_error(result, 1, needle, "summary: 0 of 1")
     assert no_files_left(workspace)
+    assert ".tmp-" not in result.stderr  # messages name the backup the operator knows
+    if fault == "truncate-exit0":
+        assert re.search(r"backup_\d{8}_\d{6}\.sql\.gz failed verification (while it was written)?: ", result.stderr), (
+            result.stderr
+        )
 
 
 def test_dump_cut_before_the_end_marker_is_refused(workspace, sample_db):
@@ -122,6 +128,51 @@ def test_restore_failing_halfway_leaves_the_original_intact(workspace, scratch_d
     assert_one_line_error(result, 1, "psql (load) failed", "item_ref_check")
     assert scratch_db.checksums() == before
     assert databases_like(scratch_db.name) == [scratch_db.name]
+
+
+def test_tampered_record_cannot_inject_sql_into_the_row_count_check(workspace, sample_db):
+    """Table names in a record are compared with the restored database's own tables, never run
+    as SQL; a recorded table that is not there is named."""
+    backup = make_backup(workspace, sample_db)
+    path = backup.with_name(backup.name + ".json")
+    record = json.loads(path.read_text())
+    tables = record["engine_meta"]["tables"]
+    injected = f"public.lessons; CREATE DATABASE {sample_db.name}_injected; --"
+    tables[injected] = tables.pop("public.lessons")
+    tables["public.zz_ghost"] = 7  # sorts after the injected name
+    path.write_text(json.dumps(record))
+    before = sample_db.checksums()
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes")
+    assert_one_line_error(result, 1, "restored database lacks tables the backup recorded: ", "public.zz_ghost")
+    assert injected in result.stderr
+    assert databases_like(f"{sample_db.name}_injected") == []  # the injected statement never ran
+    assert sample_db.checksums() == before
+    assert databases_like(sample_db.name) == [sample_db.name]
+
+
+def test_awkward_table_names_and_partitions_round_trip(workspace, scratch_db):
+    """Names that need quoting (schema and table) and a partitioned table: the restored database's
+    own names match the record's, and every count is checked."""
+    scratch_db.sql(
+        """
+        CREATE SCHEMA "Odd Schema";
+        CREATE TABLE "Odd Schema"."Mixed|Case ""q"" x" (id int);
+        INSERT INTO "Odd Schema"."Mixed|Case ""q"" x" SELECT generate_series(1, 7);
+        CREATE TABLE "select" (id int);
+        INSERT INTO "select" VALUES (1), (2);
+        CREATE TABLE events (id int, at date) PARTITION BY RANGE (at);
+        CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+        CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+        INSERT INTO events SELECT g, date '2025-06-01' + g FROM generate_series(1, 300) g;
+        """
+    )
+    backup = make_backup(workspace, scratch_db)
+    recorded = json.loads(backup.with_name(backup.name + ".json").read_text())["engine_meta"]["tables"]
+    assert recorded['"Odd Schema"."Mixed|Case ""q"" x"'] == 7 and recorded['public."select"'] == 2
+    other = f"{scratch_db.name}_copy"
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes", "--into", other)
+    assert result.returncode == 0, result.stderr
+    assert scratch_db.checksums(other) == scratch_db.checksums()
 
 
 def test_restore_terminates_sessions_on_the_target(workspace, sample_db):
@@ -238,6 +289,55 @@ def test_password_travels_by_environment_only(workspace, sample_db):
     assert any("pg_dump" in cmd for cmd in seen)
     assert not any(secret in cmd for cmd in seen)
     assert secret not in result.stderr + (workspace.backup_dir / "backup.log").read_text()
+
+
+def env_recorders(directory, path: str, names: tuple[str, ...]) -> tuple[dict, object]:
+    """Wrappers earlier on PATH for ``names`` that write their environment to
+    ``<log dir>/<name>.<pid>.env``, then exec the real binary. Returns (env for the task, log dir)."""
+    import shutil
+
+    directory.mkdir()
+    logs = directory / "env"
+    logs.mkdir()
+    for name in names:
+        real = shutil.which(name, path=path)
+        if real is None:
+            continue
+        script = directory / name
+        script.write_text(f"#!/bin/sh\nenv > '{logs}/{name}.'$$.env\nexec '{real}' \"$@\"\n")
+        script.chmod(0o755)
+    return {"PATH": f"{directory}{os.pathsep}{path}"}, logs
+
+
+def test_configured_secret_variables_never_reach_any_child(workspace, sample_db, tmp_path):
+    """password_env and encryption.passphrase_env are scrubbed from every child; pg_dump/psql get
+    the password only as PGPASSWORD."""
+    secret, phrase = "pg-secret-in-DB_PASSWORD", "gpg-secret-in-BACKUP_PASSPHRASE"
+    config = workspace.postgres_config(sample_db.name, password_env="DB_PASSWORD")
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    config["encryption"] = {"mode": "symmetric", "passphrase_env": "BACKUP_PASSPHRASE", "gnupghome": str(home)}
+    workspace.write_config(config)
+    names = ("pg_dump", "psql", "pigz", "gzip", "gpg", "mawk", "awk")
+    wrappers, logs = env_recorders(tmp_path / "wrap", workspace.env["PATH"], names)
+    env = {**wrappers, "DB_PASSWORD": secret, "BACKUP_PASSPHRASE": phrase}
+    result = workspace.invoke("backup", "--all", env=env)
+    assert result.returncode == 0, result.stderr
+    into = f"{sample_db.name}_envcheck"
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--into", into, "--yes", env=env)
+    assert result.returncode == 0, result.stderr
+    calls = {path: path.read_text() for path in logs.iterdir()}
+    seen = {path.name.split(".")[0] for path in calls}
+    assert {"pg_dump", "psql", "gpg"} <= seen, seen
+    for path, environ in calls.items():
+        name = path.name.split(".")[0]
+        assert "DB_PASSWORD=" not in environ, f"{name} inherited DB_PASSWORD"
+        assert "BACKUP_PASSPHRASE=" not in environ, f"{name} inherited BACKUP_PASSPHRASE"
+        assert phrase not in environ, name
+        if name in ("pg_dump", "psql"):
+            assert f"PGPASSWORD={secret}" in environ, name
+        else:
+            assert secret not in environ, f"{name} got the database password"
 
 
 def test_unset_password_variable_is_an_input_error(workspace, sample_db):

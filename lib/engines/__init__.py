@@ -22,6 +22,17 @@ def get_engine(name: str) -> Engine:
         raise ConfigError(f"unknown engine '{name}'; supported: {', '.join(sorted(_REGISTRY))}") from None
 
 
+def engine_for_file(name: str) -> str | None:
+    """The engine whose backups have file names like ``name`` (a trailing .gpg ignored), for files
+    without a record; None when no engine claims it."""
+    _load_all()
+    base = name[:-4] if name.endswith(".gpg") else name
+    for engine_name, cls in sorted(_REGISTRY.items()):
+        if any(marker in base for marker in cls.file_markers):
+            return engine_name
+    return None
+
+
 def _load_all() -> None:
     from lib.engines import postgres  # noqa: F401
 

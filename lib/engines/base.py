@@ -60,6 +60,9 @@ class Engine:
     #: step after calling ``RestoreRequest.gate``: the file is then verified alongside the load
     #: instead of before it (one pass less). False: verified first, then restored.
     loads_into_scratch: bool = False
+    #: parts of a backup file name (without .gpg) that mark it as this engine's, e.g. ".sql";
+    #: used for files without a record (made by the old scripts)
+    file_markers: tuple[str, ...] = ()
 
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
         """Where this database's tools run, with the secrets they need (env var name -> value)."""
@@ -91,6 +94,11 @@ class Engine:
         metadata to record (e.g. per-table row counts)."""
         raise NotImplementedError
 
+    def record_fields(self, db: DatabaseSpec) -> dict[str, Any]:
+        """Engine-specific fields of a backup's record (merged into it by the backup road), e.g.
+        ``dump_format``. Default: the engine's one native format."""
+        return {"dump_format": "native"}
+
     def verify_checks(self, db: DatabaseSpec) -> list[str]:
         """Names of the checks ``check_summary`` performs, for records and listings."""
         return ["dump-complete"]
@@ -112,7 +120,8 @@ class Engine:
         ``seconds``."""
         raise NotImplementedError
 
-    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> None:
-        """Drop database ``name`` if it exists (restore drills' throwaways). Optional: engines
-        without it cannot run drills."""
+    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> bool:
+        """Drop database ``name`` if it exists (restore drills' throwaways). Returns True when it is
+        gone (or never existed); False when the drop failed, after logging a warning with the
+        command to run by hand. Optional: engines without it cannot run drills."""
         raise NotImplementedError

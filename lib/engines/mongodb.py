@@ -44,9 +44,9 @@ printf '%s\n' "$LEMON_MONGO_CONFIG" | { unset LEMON_MONGO_CONFIG; exec "$@" 3<&0
 
 FIND_SHELL = "command -v mongosh || command -v mongo || exit 127"
 
-# Counts documents per collection of P.db; works in mongosh and the legacy mongo shell.
-# The password is read from fd 3 (see FD3_WRAPPER), never from argv.
-COUNT_JS = r"""
+# Authenticates as P.user in mongosh or the legacy mongo shell; the password is read from fd 3
+# (see FD3_WRAPPER), never from argv. Every shell script below starts with it.
+AUTH_JS = r"""
 function lemonPassword() {
   var raw = typeof require === 'function' ? require('fs').readFileSync('/dev/fd/3', 'utf8') : cat('/dev/fd/3');
   return JSON.parse(raw.replace(/^\s*password:\s*/, '').trim());
@@ -55,6 +55,10 @@ if (P.user) {
   var ok = db.getSiblingDB(P.authdb).auth(P.user, lemonPassword());
   if (!ok) { throw new Error('authentication failed for user ' + P.user); }
 }
+"""
+
+# Counts documents per collection of P.db.
+COUNT_JS = r"""
 var target = db.getSiblingDB(P.db);
 var infos = target.getCollectionInfos({type: 'collection'});
 for (var i = 0; i < infos.length; i++) {
@@ -65,6 +69,14 @@ for (var i = 0; i < infos.length; i++) {
   print('LEMON-COUNT\t' + JSON.stringify(name) + '\t' + n);
 }
 print('LEMON-COUNT-END');
+"""
+
+# Drops database P.db (a no-op when it does not exist); prints LEMON-DROP-END only when the
+# server said ok.
+DROP_JS = r"""
+var res = db.getSiblingDB(P.db).dropDatabase();
+if (!res || !(res.ok === 1 || res.ok === true)) { throw new Error('dropDatabase failed: ' + JSON.stringify(res)); }
+print('LEMON-DROP-END');
 """
 
 log = logging.getLogger("backup")
@@ -85,6 +97,7 @@ def ns_escape(name: str) -> str:
 class MongoDB(Engine):
     name = "mongodb"
     host_binaries = ("sh", "mongodump", "mongorestore")
+    file_markers = (".archive",)
     units = ("collections", "documents")
 
     # -- where and how to connect -------------------------------------------------------------
@@ -113,12 +126,10 @@ class MongoDB(Engine):
         return ["sh", "-c", FD3_WRAPPER, "sh", *argv, *flag]
 
     def tool_env(self, db: DatabaseSpec, place: Place) -> dict[str, str]:
-        """Environment for the tools' processes: ours plus the wrapper's secret, minus the
-        variable password_env names (the tools never need it; the wrapper's copy is unset)."""
-        env = place.env()
-        if db.password_env and db.password_env != CONFIG_ENV:
-            env.pop(db.password_env, None)
-        return env
+        """Environment for the tools' processes: ``place.env()``, i.e. without any configured
+        secret variable (password_env included; see lib.exec.child_env) plus the wrapper's
+        secret, which the wrapper unsets before the tool starts."""
+        return place.env()
 
     def tool_stage(self, db: DatabaseSpec, place: Place, name: str, argv: list[str], config_flag: bool = True) -> Stage:
         """A pipeline stage running ``argv`` where the tools run, with the password on fd 3."""
@@ -317,7 +328,7 @@ class MongoDB(Engine):
                 "name": db.name,
                 "engine": self.name,
                 "database": target,
-                "dump_format": "native",
+                **self.record_fields(db),
                 "tier": "pre-restore",
                 "created": store.iso(created),
                 "file": path.name,
@@ -368,23 +379,58 @@ class MongoDB(Engine):
         result = run_pipeline([*request.decode, stage], TailSink(4096), source=request.source)
         result.raise_for_status()
 
-    def count_documents(self, db: DatabaseSpec, place: Place, shell: str, database: str) -> dict[str, int]:
-        """Documents per collection of ``database``, counted by mongosh or mongo."""
-        params = {"db": database, "user": db.user, "authdb": db.options.get("auth_database", "admin")}
-        script = "var P = " + json.dumps(params) + ";\n" + COUNT_JS
+    def shell_argv(self, db: DatabaseSpec, shell: str, script: str) -> list[str]:
+        """``shell`` (mongosh or mongo) evaluating ``script``, connected like the tools."""
         argv = [shell, "--quiet", "--norc"]
         if db.host and not db.container:
             argv += ["--host", db.host]
         if db.port:
             argv += ["--port", str(db.port)]
-        argv += ["--eval", script]
+        return argv + ["--eval", script]
+
+    def run_script(self, db: DatabaseSpec, place: Place, shell: str, database: str, body: str, what: str) -> str:
+        """Run ``body`` (after AUTH_JS, with ``P`` = database, user, auth database) in ``shell``
+        where the tools run, the password on fd 3. Its stdout. Raises StageFailed."""
+        params = {"db": database, "user": db.user, "authdb": db.options.get("auth_database", "admin")}
+        script = "var P = " + json.dumps(params) + ";\n" + AUTH_JS + body
+        out = self.run_short(db, place, f"{shell} ({what})", self.shell_argv(db, shell, script))
+        return out.decode("utf-8", "replace")
+
+    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> bool:
+        """Drop database ``name`` (if it exists) with mongosh or mongo, authenticated like the
+        count check. Returns False, after a warning with the command to run by hand, on failure."""
+        shell = "mongosh"
         try:
-            out = self.run_short(db, place, f"{shell} (count documents)", argv)
+            shell = self.find_shell(db, place)
+            out = self.run_script(db, place, shell, name, DROP_JS, "drop database")
+            if not any(line.strip() == "LEMON-DROP-END" for line in out.splitlines()):
+                raise RunFailed(f"{shell} did not confirm the drop")
+        except ToolError as exc:
+            by_hand = self.shell_argv(db, shell, f"db.getSiblingDB({json.dumps(name)}).dropDatabase()")
+            if db.user:
+                auth = db.options.get("auth_database", "admin")
+                by_hand[1:1] = ["--username", db.user, "--authenticationDatabase", auth, "--password"]
+            where = f" in container {db.container}" if db.container else ""
+            log.warning(
+                "%s: could not drop database %s (%s); it is left behind: drop it by hand%s: %s",
+                db.name,
+                name,
+                exc,
+                where,
+                shlex.join(by_hand),
+            )
+            return False
+        return True
+
+    def count_documents(self, db: DatabaseSpec, place: Place, shell: str, database: str) -> dict[str, int]:
+        """Documents per collection of ``database``, counted by mongosh or mongo."""
+        try:
+            out = self.run_script(db, place, shell, database, COUNT_JS, "count documents")
         except StageFailed as exc:
             raise RunFailed(f"could not count the restored documents: {exc}") from None
         found: dict[str, int] = {}
         ended = False
-        for line in out.decode("utf-8", "replace").splitlines():
+        for line in out.splitlines():
             if line.startswith("LEMON-COUNT\t"):
                 _, name, count = line.split("\t")
                 found[json.loads(name)] = int(count)

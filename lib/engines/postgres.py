@@ -5,6 +5,7 @@ the target destroyed: restore into a new database, check it, then swap names in 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -15,12 +16,13 @@ from typing import Any
 from lib.config import DatabaseSpec
 from lib.engines import register
 from lib.engines.base import Engine, RestoreRequest
-from lib.errors import RunFailed, StageFailed, VerificationFailed
-from lib.exec import Place, require_binary
+from lib.errors import RunFailed, StageFailed, ToolError, VerificationFailed
+from lib.exec import Place, child_env, require_binary
 from lib.store import utcnow
 from lib.stream import Stage, TailSink, run_pipeline
 
 END_MARKER = "-- PostgreSQL database dump complete"
+log = logging.getLogger("backup")
 
 # Reads a plain SQL dump on stdin; prints the server version, one "T<tab>table<tab>rows" line
 # per COPY block, and a closing line saying whether the dump ended properly. COPY text format
@@ -40,6 +42,21 @@ END { if (incopy) print "OPEN\t" tbl; else print "END\t" complete }
 """
 
 
+# The restored database's regular and partitioned tables, one line each: hex-encoded (so no
+# character in a name can confuse the parsing) quote_ident form, every-part-quoted form, and the
+# bare name for tables in schema public (empty otherwise), separated by '|'.
+LIST_TABLES_SQL = r"""
+SELECT encode(convert_to(quote_ident(n.nspname) || '.' || quote_ident(c.relname), 'UTF8'), 'hex')
+    || '|' || encode(convert_to('"' || replace(n.nspname, '"', '""') || '"."'
+                                || replace(c.relname, '"', '""') || '"', 'UTF8'), 'hex')
+    || '|' || CASE WHEN n.nspname = 'public' THEN encode(convert_to(quote_ident(c.relname), 'UTF8'), 'hex') ELSE '' END
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname !~ '^pg_(toast|temp_)';
+"""
+
+
 def quote_ident(name: str) -> str:
     """SQL identifier quoting."""
     return '"' + name.replace('"', '""') + '"'
@@ -54,6 +71,7 @@ class Postgres(Engine):
     name = "postgres"
     host_binaries = ("pg_dump", "psql")
     loads_into_scratch = True  # restore -> scratch database -> checks -> swap
+    file_markers = (".sql", ".dump")
 
     # -- where and how to connect -------------------------------------------------------------
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
@@ -85,6 +103,9 @@ class Postgres(Engine):
     def suffix(self, db: DatabaseSpec) -> str:
         return ".dump" if self.fmt(db) == "custom" else ".sql"
 
+    def record_fields(self, db: DatabaseSpec) -> dict[str, Any]:
+        return {"dump_format": self.fmt(db)}
+
     def compression(self, db: DatabaseSpec) -> str | None:
         return None if self.fmt(db) == "custom" else db.options.get("compression", "gzip")
 
@@ -112,7 +133,7 @@ class Postgres(Engine):
                 stages.append(Stage("pg_restore (read back)", place.argv(["pg_restore", "-f", "-"]), env=place.env()))
         # mawk in the C locale reads ~4x faster than gawk in a UTF-8 one; the script is byte-safe.
         awk = "mawk" if shutil.which("mawk") else "awk"
-        stages.append(Stage("dump check (awk)", [awk, INSPECT_AWK], env={**os.environ, "LC_ALL": "C"}))
+        stages.append(Stage("dump check (awk)", [awk, INSPECT_AWK], env=child_env({"LC_ALL": "C"})))
         return stages
 
     def verify_checks(self, db: DatabaseSpec) -> list[str]:
@@ -250,25 +271,49 @@ class Postgres(Engine):
         result.raise_for_status()
 
     def _check_restored(self, request: RestoreRequest, temp: str) -> dict[str, int]:
-        """ANALYZE, then compare per-table row counts with those recorded at backup time."""
+        """ANALYZE, then compare per-table row counts with those recorded at backup time.
+
+        The record's table names are only compared with the restored database's own list of
+        tables, never put into SQL: the count query is built from names that came from the
+        database itself (so a tampered record cannot inject SQL). Raises RunFailed naming
+        recorded tables that are missing and tables whose counts differ."""
         db, place = request.db, request.place
         self.psql(db, place, temp, "ANALYZE;", "psql (analyze)")
         expected: dict[str, int] = dict(request.record.get("engine_meta", {}).get("tables", {}))
         if not expected:
             return {}
-        parts = [f"SELECT {quote_literal(t)}, count(*) FROM {t}" for t in sorted(expected)]
-        try:
-            out = self.psql(db, place, temp, "\nUNION ALL\n".join(parts) + ";", "psql (count rows)")
-        except StageFailed as exc:
-            raise RunFailed(f"restored database lacks tables the backup recorded: {exc.detail}") from None
+        present = self._tables(db, place, temp)
+        missing = sorted(t for t in expected if t not in present)
+        if missing:
+            raise RunFailed(
+                "restored database lacks tables the backup recorded: "
+                + ", ".join(missing[:10])
+                + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+            )
+        names = sorted(expected)
+        parts = [f"SELECT {i}, count(*) FROM {present[t]}" for i, t in enumerate(names)]
+        out = self.psql(db, place, temp, "\nUNION ALL\n".join(parts) + ";", "psql (count rows)")
         found = {}
         for line in out.splitlines():
-            table, _, rows = line.rpartition("|")
-            found[table] = int(rows)
+            index, _, rows = line.partition("|")
+            found[names[int(index)]] = int(rows)
         wrong = [f"{t}: {found.get(t)} rows, expected {n}" for t, n in expected.items() if found.get(t) != n]
         if wrong:
             raise RunFailed("restored row counts differ from the backup's record: " + "; ".join(wrong[:5]))
         return found
+
+    def _tables(self, db: DatabaseSpec, place: Place, dbname: str) -> dict[str, str]:
+        """The regular and partitioned tables of ``dbname``, read from the database itself: every
+        way a dump may name one ('schema.table' quoted as pg_dump does, every part quoted as with
+        --quote-all-identifiers, and a bare name for tables in public, as old pg_dump versions
+        wrote) -> its quote_ident form ``schema.table``."""
+        tables: dict[str, str] = {}
+        for line in self.psql(db, place, dbname, LIST_TABLES_SQL, "psql (list tables)").split():
+            forms = [bytes.fromhex(part).decode("utf-8") for part in line.split("|")]
+            for form in forms:
+                if form:
+                    tables.setdefault(form, forms[0])
+        return tables
 
     def _swap(self, db: DatabaseSpec, place: Place, maint: str, target: str, temp: str, previous: str, log) -> None:
         """Terminate sessions on target, then rename target->previous and temp->target atomically."""
@@ -303,12 +348,25 @@ class Postgres(Engine):
             raise
         self.psql(db, place, maint, f"ALTER DATABASE {p} WITH ALLOW_CONNECTIONS true;", "psql (unblock previous)")
 
-    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> None:
-        """Drop ``name`` (if it exists) via the maintenance database; errors are ignored."""
-        self._drop(db, place, db.options.get("maintenance_database", "postgres"), name)
+    def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> bool:
+        """Drop ``name`` (if it exists) via the maintenance database. Returns False (after a
+        warning with the command to run by hand) when that failed."""
+        return self._drop(db, place, db.options.get("maintenance_database", "postgres"), name)
 
-    def _drop(self, db: DatabaseSpec, place: Place, maint: str, name: str) -> None:
+    def _drop(self, db: DatabaseSpec, place: Place, maint: str, name: str) -> bool:
+        """DROP DATABASE IF EXISTS ``name``. Never raises: returns False and logs a warning naming
+        the exact command for the operator when the drop failed (the database is left behind)."""
+        sql = f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE);"
         try:
-            self.psql(db, place, maint, f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE);", "psql (drop)")
-        except StageFailed:
-            pass
+            self.psql(db, place, maint, sql, "psql (drop)")
+        except ToolError as exc:
+            log.warning(
+                "%s: could not drop database %s (%s); it is left behind: drop it by hand, connected to database %s: %s",
+                db.name,
+                name,
+                exc,
+                maint,
+                sql,
+            )
+            return False
+        return True

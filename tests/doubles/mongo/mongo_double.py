@@ -9,8 +9,10 @@ for them. They implement only what lemon-backup uses, against a tiny "server": a
   mongorestore --archive --gzip [--drop] [--stopOnError] --nsInclude=DB.* [--nsFrom=S.* --nsTo=T.*] ...
       reads an archive on stdin and replaces (--drop) the collections in the state file
   mongosh|mongo --quiet --norc [--host H --port P] --eval SCRIPT
-      understands only lemon-backup's counting script: takes its first line 'var P = {json};',
-      authenticates like the tools, prints 'LEMON-COUNT\t"name"\tN' lines and 'LEMON-COUNT-END'
+      understands only lemon-backup's scripts: takes the first line 'var P = {json};',
+      authenticates like the tools, then either counts (prints 'LEMON-COUNT\t"name"\tN' lines
+      and 'LEMON-COUNT-END') or drops database P.db (removes it from the state file, prints
+      'LEMON-DROP-END'), as the script's marker says
 
 Contract checks (exit non-zero, loudly):
   * the password ($MONGO_DOUBLE_PASSWORD) appears in our argv or any ancestor's argv   -> 97
@@ -22,7 +24,8 @@ variables holding the password are listed, their values replaced), stdin size an
 
 Failure modes: $MONGO_DOUBLE_FAIL lists tools (comma separated) that fail: mongodump writes half
 an archive then exits 1; mongorestore restores all but the last collection then exits 1 (a
-partial restore, as a real --drop restore can leave); the shells exit 1. $MONGO_DOUBLE_DUMP=truncate|
+partial restore, as a real --drop restore can leave); the shells exit 1 ('mongosh-drop' makes
+only the shells' drop fail). $MONGO_DOUBLE_DUMP=truncate|
 badmagic|badgzip makes mongodump exit 0 with a damaged archive.
 """
 
@@ -253,8 +256,9 @@ def shell(tool: str, argv: list[str]) -> int:
     if not isinstance(script, str):
         fail(2, f"{tool} double: only --eval SCRIPT is supported")
     match = re.match(r"var P = (\{.*?\});\n", script)
-    if not match or "LEMON-COUNT" not in script:
-        fail(2, f"{tool} double: only lemon-backup's counting script is understood")
+    dropping = "dropDatabase()" in script and "LEMON-DROP-END" in script
+    if not match or not ("LEMON-COUNT" in script or dropping):
+        fail(2, f"{tool} double: only lemon-backup's counting and drop scripts are understood")
     params = json.loads(match.group(1))
     expected = os.environ.get(PASSWORD_VAR)
     if expected:
@@ -265,6 +269,14 @@ def shell(tool: str, argv: list[str]) -> int:
             fail(1, f"MongoServerError: Authentication failed. ({tool})")
     if failing(tool):
         fail(1, f"MongoNetworkError: connect ECONNREFUSED 127.0.0.1:27017 ({tool})")
+    if dropping:
+        if failing(f"{tool}-drop"):
+            fail(1, f"MongoServerError: not authorized on {params['db']} to execute command dropDatabase ({tool})")
+        state = load_state()
+        state.pop(params["db"], None)
+        save_state(state)
+        print("LEMON-DROP-END")
+        return 0
     for name, docs in sorted(load_state().get(params["db"], {}).items()):
         if not name.startswith("system."):
             print(f"LEMON-COUNT\t{json.dumps(name)}\t{len(docs)}")
