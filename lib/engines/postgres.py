@@ -5,6 +5,7 @@ the target destroyed: restore into a new database, check it, then swap names in 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import shutil
@@ -278,10 +279,7 @@ class Postgres(Engine):
         database itself (so a tampered record cannot inject SQL). Raises RunFailed naming
         recorded tables that are missing and tables whose counts differ."""
         db, place = request.db, request.place
-        self.psql(db, place, temp, "ANALYZE;", "psql (analyze)")
         expected: dict[str, int] = dict(request.record.get("engine_meta", {}).get("tables", {}))
-        if not expected:
-            return {}
         present = self._tables(db, place, temp)
         missing = sorted(t for t in expected if t not in present)
         if missing:
@@ -290,9 +288,22 @@ class Postgres(Engine):
                 + ", ".join(missing[:10])
                 + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
             )
+        # ANALYZE and the row counts in two sessions at once, tables split by recorded size.
         names = sorted(expected)
-        parts = [f"SELECT {i}, count(*) FROM {present[t]}" for i, t in enumerate(names)]
-        out = self.psql(db, place, temp, "\nUNION ALL\n".join(parts) + ";", "psql (count rows)")
+        sizes = {present[t]: n for t, n in expected.items()}
+        halves: list[list[str]] = [[], []]
+        loads = [0, 0]
+        for table in sorted(set(present.values()), key=lambda t: -sizes.get(t, 0)):
+            side = loads.index(min(loads))
+            halves[side].append(table)
+            loads[side] += sizes.get(table, 0) + 1
+        scripts = [("".join(f"ANALYZE {t};\n" for t in half) or "SELECT 1 WHERE false;\n") for half in halves]
+        counting = [f"SELECT {i}, count(*) FROM {present[t]}" for i, t in enumerate(names)]
+        if counting:
+            scripts[1] += "\nUNION ALL\n".join(counting) + ";\n"
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(self.psql, db, place, temp, script, "psql (analyze, count rows)") for script in scripts]
+            out = [run.result() for run in runs][1]
         found = {}
         for line in out.splitlines():
             index, _, rows = line.partition("|")
