@@ -30,7 +30,7 @@ from typing import Any
 from lib.config import Spec
 from lib.errors import EnvironmentProblem, InputError, VerificationFailed
 from lib.exec import require_binary, tail_text
-from lib.stream import Stage, StageResult, TailSink, run_pipeline
+from lib.stream import Stage, StageResult
 
 log = logging.getLogger("backup")
 
@@ -318,22 +318,8 @@ def preflight(spec: Spec) -> None:
         passphrase(spec)
     else:
         recipients(spec)
-    trial_encryption(spec)
 
 
-def trial_encryption(spec: Spec) -> None:
-    """Encrypt a few bytes exactly as a backup will, so a gpg that cannot work here (agent,
-    keyring, permissions) stops the run before any dump. Raises EnvironmentProblem."""
-    result = run_pipeline([Stage("printf", ["printf", "preflight"]), *encrypt_stages(spec)], TailSink(4096))
-    cause = result.cause()
-    if cause is not None:
-        raise EnvironmentProblem(
-            f"gpg cannot encrypt here ({cause.stderr or f'exit status {cause.returncode}'}); "
-            f"check the keyring {_keyring_label(spec)} with: invoke keys"
-        )
-
-
-# -- stages ------------------------------------------------------------------------------------
 def stage_names(spec: Spec) -> list[str]:
     """Names of the stages encryption adds (for plans and logs); builds nothing."""
     if mode(spec) == "none":

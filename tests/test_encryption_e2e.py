@@ -277,3 +277,20 @@ def test_unusable_recipient_stops_the_run_before_any_dump(workspace, keyrings, p
     assert ("expired on 2020-01-02" if problem == "expired" else "has no public key in keyring") in line
     assert "started" not in result.stderr
     assert workspace.backups() == []
+
+
+def test_symmetric_with_gpgs_default_home_that_does_not_exist_yet(workspace, sample_db):
+    """No gnupghome configured and no ~/.gnupg (a fresh root or service account): gpg in batch mode
+    would fail with 'No agent running' after the whole dump; the tool creates the home (0700) first."""
+    home = Path(workspace.env["HOME"]) / ".gnupg"
+    assert not home.exists()
+    encrypted_config(workspace, sample_db.name, {"mode": "symmetric", "passphrase_env": "BACKUP_PASSPHRASE"})
+    env = {"BACKUP_PASSPHRASE": "correct horse"}
+    try:
+        result = workspace.invoke("backup", "--all", env=env)
+        assert result.returncode == 0, result.stderr
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        [backup] = workspace.backups()
+        assert backup.name.endswith(".sql.gz.gpg")
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
