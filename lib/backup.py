@@ -258,7 +258,7 @@ def run_backup(
             "seconds": {"dump_and_verify": round(dumped - started, 3)},
             "destinations": {},
         }
-        backup = store.Backup(p.path, record)
+        backup = store.Backup(p.path, record, fresh=True)
         store.write_atomic(backup.sha256_path, store.sha256_line(result.sha256, p.path.name).encode())
         backup.save()
         tmp.rename(p.path)

@@ -87,6 +87,8 @@ class Backup:
 
     path: Path
     record: dict[str, Any]
+    #: made by this process just now: its sha256 was taken of the bytes as they were written
+    fresh: bool = False
 
     @property
     def created(self) -> datetime:

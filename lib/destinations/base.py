@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from lib import store
 from lib.config import Spec
 from lib.errors import EnvironmentProblem, RunFailed, VerificationFailed
+from lib.stream import sha256_file
 
 log = logging.getLogger("backup")
 T = TypeVar("T")
@@ -233,18 +234,9 @@ def require_file(path: Path, dest: str, key: str, fix: str) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    """sha256 of a local file, read in large chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_fetched(remote: RemoteBackup, path: Path) -> str:
     """Check a downloaded file against the size and sha256 its record and sidecar promise. Returns the sha256."""
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     sidecar = store.sha256_path(path)
     expected = {remote.record.get("sha256")}
     if sidecar.exists():

@@ -33,9 +33,9 @@ from lib.destinations.base import (
     parse_record,
     remote_record,
     require_file,
-    sha256_of,
 )
 from lib.exec import require_binary, tail_text
+from lib.stream import sha256_file
 
 REMOTE_RE = re.compile(r"^(?P<host>[^/:]+):(?P<path>.*)$")  # rsync's rule: a colon before any slash
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -235,7 +235,8 @@ class RsyncDestination(Destination):
         """Data and .sha256 (temp name + rename by rsync, resumable), checksum comparison, record last."""
         self.preflight()
         relative = f"{backup.name}/{backup.tier}"
-        local_sha = sha256_of(backup.path)
+        # a backup made in this run was hashed as it was written; older ones are read again
+        local_sha = backup.record["sha256"] if backup.fresh else sha256_file(backup.path)
         check_arrival(backup, local_sha, backup.record.get("size", 0), None)
         base = backup.path.parent.parent.parent
         sources = [f"{base}/./{relative}/{p.name}" for p in (backup.path, backup.sha256_path)]
