@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 
 import pytest
 
@@ -71,3 +72,27 @@ def test_missing_binary_is_an_input_error_naming_the_package(monkeypatch, tmp_pa
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(EnvironmentProblem, match="'zstd' is not installed or not on PATH; install the zstd package"):
         run_pipeline([Stage("zstd", ["zstd", "-c"])], TailSink())
+
+
+def test_tap_branch_sees_exactly_the_bytes_written_in_the_same_pass(tmp_path):
+    from lib.stream import Tap, run_tapped
+
+    out = tmp_path / "out.gz"
+    tap = Tap([Stage("gzip -d", ["gzip", "-d", "-c"]), Stage("sha", ["sha256sum"])], name="tee", suffix=" (check)")
+    result, branch = run_tapped(
+        [sh("make", "seq 1 300000"), Stage("gzip", ["gzip", "-1", "-c"])], 2, tap, FileSink(out)
+    )
+    result.raise_for_status()
+    plain = subprocess.run(["gzip", "-dc", str(out)], capture_output=True, check=True).stdout
+    assert branch.tail.split()[0].decode() == hashlib.sha256(plain).hexdigest()
+    assert [s.name for s in result.stages] == ["make", "gzip", "tee", "gzip -d (check)", "sha (check)"]
+
+
+def test_a_failing_tap_branch_is_reported_as_the_cause(tmp_path):
+    from lib.stream import Tap, run_tapped
+
+    tap = Tap([sh("checker", "head -c 100 >/dev/null; echo 'incomplete' >&2; exit 3")], suffix=" (check)")
+    result, _ = run_tapped([sh("make", "head -c 20000000 /dev/zero")], 1, tap, FileSink(tmp_path / "out"))
+    assert result.cause().name == "checker (check)"
+    with pytest.raises(StageFailed, match="checker \\(check\\) failed: exit status 3: incomplete"):
+        result.raise_for_status()
