@@ -109,6 +109,25 @@ def check_stream(
     decode = decode_stages(spec, path, record)
     stages = decode + engine.inspect_stages(db, place)
     result = run_pipeline(stages, TailSink(256 * 1024), source=path)
+    return judge_stream(spec, db, path, record, result, result.tail, name=name)
+
+
+def judge_stream(
+    spec: Spec,
+    db: DatabaseSpec,
+    path: Path,
+    record: dict[str, Any] | None,
+    result: PipelineResult,
+    tail: bytes | None,
+    name: str | None = None,
+) -> tuple[list[str], dict[str, Any]]:
+    """The verdict on a decode + inspection run over ``path`` (its own pipeline, or the branch of
+    a restore's load): a failed stage (a wrong passphrase or missing key raises EnvironmentProblem),
+    then the engine's judgement of the inspection's output ``tail`` (None: not judged, e.g. when
+    the load that fed it failed first). Returns (checks, engine_meta); raises VerificationFailed."""
+    engine = get_engine(db.engine)
+    label = name or path.name
+    kind = (record or {}).get("compression") or compress.kind_from_name(path.name)
     cause = result.cause()
     if cause is not None:
         crypto.explain_failure(spec, cause, path, name=label)
@@ -116,13 +135,15 @@ def check_stream(
             f"{label} failed verification: {cause.name} exited with status {cause.returncode}: "
             f"{cause.stderr or 'no message'}"
         )
+    checks = ["gpg-decrypt"] if crypto.is_encrypted(path) else []
+    checks += [f"{kind}-integrity"] if kind else []
+    if tail is None:
+        return checks, {}
     try:
-        meta = engine.check_summary(db, result.tail)
+        meta = engine.check_summary(db, tail)
     except VerificationFailed as exc:
         raise VerificationFailed(f"{label} failed verification: {exc}") from None
-    checks = ["gpg-decrypt"] if crypto.is_encrypted(path) else []
-    checks += ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
-    return checks, meta
+    return checks + engine.verify_checks(db), meta
 
 
 def verify_file(
@@ -132,17 +153,20 @@ def verify_file(
     record: dict[str, Any] | None,
     place: Place | None = None,
     decrypt: bool = False,
+    stream: Callable[[], tuple[list[str], dict[str, Any]]] | None = None,
+    hashed: Callable[[], str] | None = None,
 ) -> list[str]:
     """Full verification of a stored file: sha256 against its sidecar (hashed in parallel with the
     stream check) and the stream check (``decrypt``: see check_stream). Returns the checks done.
-    Raises VerificationFailed."""
+    Raises VerificationFailed. A restore that read the file once already passes ``stream`` (the
+    verdict on that read, see judge_stream) and ``hashed`` (its sha256, taken alongside)."""
     sidecar = store.sha256_path(path)
     expected = sidecar.read_text().split()[0] if sidecar.exists() and sidecar.read_text().strip() else None
     stream_error: VerificationFailed | None = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        digest = pool.submit(sha256_file, path) if expected else None
+        digest = pool.submit(hashed or (lambda: sha256_file(path))) if expected else None
         try:
-            checks, _ = check_stream(spec, db, path, record, place, decrypt=decrypt)
+            checks, _ = (stream or (lambda: check_stream(spec, db, path, record, place, decrypt=decrypt)))()
         except VerificationFailed as exc:
             stream_error = exc
         actual = digest.result() if digest else None

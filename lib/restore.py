@@ -2,45 +2,55 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from lib import store
-from lib.backup import decode_stages, engine_of_file, find_file, verify_file
+from lib.backup import decode_stages, engine_of_file, find_file, judge_stream, verify_file
 from lib.config import DatabaseSpec, Spec
 from lib.engines import get_engine
 from lib.engines.base import RestoreRequest
 from lib.errors import InputError
+from lib.exec import Place
 from lib.progress import watch_reads
+from lib.stream import Background, PipelineResult, sha256_file
 
 log = logging.getLogger("backup")
 
 
-class Background:
-    """Run ``func`` in a thread; ``result()`` waits and returns its value or raises its exception."""
+def _gate(
+    spec: Spec,
+    db: DatabaseSpec,
+    path: Path,
+    record: dict[str, Any] | None,
+    place: Place,
+    request: RestoreRequest,
+    digest: Background,
+    result: PipelineResult | None,
+    branch: PipelineResult | None,
+    load_ok: bool,
+) -> list[str]:
+    """request.gate for engines that load into scratch: the verdict on the file from the load's own
+    read (``result`` with its tapped ``branch``), or from a read of its own when the engine could
+    not tap (``result`` None). With ``load_ok`` False only what the load cannot have caused is
+    judged (checksum, decryption, decompression): a load that died first cuts the branch short."""
+    if result is None or branch is None:
+        return verify_file(spec, db, path, record, place, decrypt=True, hashed=digest.result)
+    decode = {stage.name for stage in request.decode}
+    judged = decode | ({stage.name for stage in branch.stages} if load_ok else set())
+    run = replace(result, stages=[stage for stage in result.stages if stage.name in judged])
+    tail = branch.tail if load_ok else None
 
-    def __init__(self, func: Callable[[], Any]) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(func,), name="verify", daemon=True)
-        self._thread.start()
+    def stream() -> tuple[list[str], dict[str, Any]]:
+        return judge_stream(spec, db, path, record, run, tail)
 
-    def _run(self, func: Callable[[], Any]) -> None:
-        try:
-            self._value = func()
-        except BaseException as exc:  # handed over by result()
-            self._error = exc
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
+    checks = verify_file(spec, db, path, record, place, decrypt=True, stream=stream, hashed=digest.result)
+    request.verified = checks
+    return checks
 
 
 def pick_database(spec: Spec, engine: str, name: str | None) -> DatabaseSpec:
@@ -117,19 +127,17 @@ def restore(
     if not store.sha256_path(path).exists():
         log.warning("%s has no .sha256 sidecar; its contents are verified, its checksum cannot be", path.name)
     if engine_impl.loads_into_scratch:
-        # One pass less: verify alongside the load into a scratch database; the engine waits
-        # for the verification (request.gate) before it touches the target.
+        # One read of the file: the engine taps the decoded stream it loads into a scratch
+        # database and hands the run to request.gate before it touches the target.
         if confirm is not None and not confirm(question):
             raise InputError("restore cancelled; nothing was touched")
         log.info("%s: verifying %s while loading it into a scratch database", db.name, path)
-        verification = Background(lambda: verify_file(spec, db, path, record, place, decrypt=True))
-        request.gate = verification.result
-        try:
-            with watch_reads(path, f"{db.name}: restore"):
-                summary = engine_impl.restore(request)
-        finally:
-            verification.join()
-        checks = verification.result()
+        digest = Background(lambda: sha256_file(path))
+        request.verify_stages = engine_impl.inspect_stages(db, place)
+        request.gate = functools.partial(_gate, spec, db, path, record, place, request, digest)
+        with watch_reads(path, f"{db.name}: restore"):
+            summary = engine_impl.restore(request)
+        checks = request.verified or []
         log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
     else:
         log.info("%s: verifying %s before touching any database", db.name, path)

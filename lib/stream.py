@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from lib.errors import StageFailed
 from lib.exec import child_env, require_binary, tail_text
@@ -315,14 +316,19 @@ class Tap:
 
 
 def run_tapped(
-    stages: Sequence[Stage], at: int, tap: Tap, sink: Sink, progress: Callable[[int], None] | None = None
+    stages: Sequence[Stage],
+    at: int,
+    tap: Tap,
+    sink: Sink,
+    progress: Callable[[int], None] | None = None,
+    source: Path | None = None,
 ) -> tuple[PipelineResult, PipelineResult]:
     """Run ``stages`` into ``sink`` with ``tap.stage`` inserted before index ``at``. Returns
     (the main result with the branch's stages merged in, the branch result). Never raises for
     exit statuses."""
     full = [*stages[:at], tap.stage, *stages[at:]]
     try:
-        main = run_pipeline(full, sink, progress=progress)
+        main = run_pipeline(full, sink, source=source, progress=progress)
     except BaseException:
         try:  # the first error is the one to report
             tap.finish()
@@ -334,3 +340,28 @@ def run_tapped(
         raise RuntimeError("the tapped branch never started")
     merged = replace(main, stages=main.stages + branch.stages, ok_codes={**main.ok_codes, **branch.ok_codes})
     return merged, branch
+
+
+class Background:
+    """Run ``func`` in a thread; ``result()`` waits and returns its value or raises its exception."""
+
+    def __init__(self, func: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(func,), name="background", daemon=True)
+        self._thread.start()
+
+    def _run(self, func: Callable[[], Any]) -> None:
+        try:
+            self._value = func()
+        except BaseException as exc:  # handed over by result()
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value

@@ -37,11 +37,15 @@ class RestoreRequest:
     safety_dir: Path | None = None
     #: the backup.yml in use, for commands suggested to the operator in messages
     config_path: Path | None = None
-    #: set when the file's verification runs alongside the load (engines with
-    #: ``loads_into_scratch``): waits for it and returns its checks, or raises its error. The
-    #: engine must call it before the target is touched, and after a failed load (a failed
-    #: verification explains a failed load better than the load's own error).
-    gate: Callable[[], list[str]] | None = None
+    #: Set for engines with ``loads_into_scratch``: the file is verified from the load's own read.
+    #: The engine taps its decoded stream (after ``decode``) with ``verify_stages`` (stream.Tap)
+    #: and, before touching the target, calls ``gate(result, branch, load_ok)`` with the merged
+    #: run, the branch's run and whether the load itself succeeded; ``gate(None, None, ok)``
+    #: when it could not tap (e.g. pg_restore --jobs reads the file itself). The gate raises
+    #: VerificationFailed/EnvironmentProblem for a bad file, else returns (and keeps) its checks.
+    verify_stages: list[Stage] = field(default_factory=list)
+    gate: Callable[..., list[str]] | None = None
+    verified: list[str] | None = None
 
     @property
     def source_is_raw(self) -> bool:

@@ -20,7 +20,7 @@ from lib.engines.base import Engine, RestoreRequest
 from lib.errors import RunFailed, StageFailed, ToolError, VerificationFailed
 from lib.exec import Place, child_env, require_binary
 from lib.store import utcnow
-from lib.stream import Stage, TailSink, run_pipeline
+from lib.stream import Background, Stage, TailSink, Tap, run_pipeline, run_tapped
 
 END_MARKER = "-- PostgreSQL database dump complete"
 log = logging.getLogger("backup")
@@ -209,13 +209,9 @@ class Postgres(Engine):
         try:
             self._load(request, temp)
             counts = self._check_restored(request, temp)
-            if request.gate is not None:
-                request.gate()  # the file's own verification, run alongside the load, must pass too
         except BaseException:
             log.error("restore failed; dropping temporary database %s, %s is untouched", temp, target)
             self._drop(db, place, maint, temp)
-            if request.gate is not None:
-                request.gate()  # a failed verification explains a failed load best: raise it
             raise
         seconds = time.monotonic() - started
         if exists:
@@ -249,6 +245,9 @@ class Postgres(Engine):
         return head + suffix
 
     def _load(self, request: RestoreRequest, temp: str) -> None:
+        """Load the dump into ``temp``. With ``request.gate`` the decoded stream is also tapped into
+        ``request.verify_stages`` and the gate judges the file before any load error is raised (a
+        damaged file explains a failed load best). Raises StageFailed or the gate's error."""
         db = request.db
         # Index builds dominate a restore's tail; more memory for them (this session only) is the
         # cheapest speed-up there is (measured: README "Benchmarks").
@@ -260,15 +259,27 @@ class Postgres(Engine):
             jobs = int(db.options.get("restore_jobs", 2))
             base = ["pg_restore", "--exit-on-error", "--no-owner", "--no-acl", *conn]
             if request.source_is_raw and not place.container and jobs > 1:
-                stages = [Stage("pg_restore", [*base, f"--jobs={jobs}", str(request.source)], env=place.env())]
-                result = run_pipeline(stages, TailSink(4096))
-            else:
-                stages = [*request.decode, Stage("pg_restore", place.argv(base), env=place.env())]
-                result = run_pipeline(stages, TailSink(4096), source=request.source)
+                # pg_restore --jobs reads the file itself: verify it alongside with a read of its own
+                verification = Background(lambda: request.gate(None, None, True)) if request.gate else None
+                loader = Stage("pg_restore", [*base, f"--jobs={jobs}", str(request.source)], env=place.env())
+                result = run_pipeline([loader], TailSink(4096))
+                if verification is not None:
+                    verification.result()
+                result.raise_for_status()
+                return
+            loader = Stage("pg_restore", place.argv(base), env=place.env())
         else:
             command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-o", "/dev/null", *conn]
-            stages = [*request.decode, Stage("psql (load)", place.argv(command), env=place.env())]
+            loader = Stage("psql (load)", place.argv(command), env=place.env())
+        stages = [*request.decode, loader]
+        if request.gate is None or not request.verify_stages:
             result = run_pipeline(stages, TailSink(4096), source=request.source)
+            result.raise_for_status()
+            return
+        tap = Tap(request.verify_stages, name="tee (verify)", suffix=" (verify)")
+        result, branch = run_tapped(stages, len(request.decode), tap, TailSink(4096), source=request.source)
+        loaded = next(s for s in result.stages if s.name == loader.name)
+        request.gate(result, branch, loaded.returncode == 0)
         result.raise_for_status()
 
     def _check_restored(self, request: RestoreRequest, temp: str) -> dict[str, int]:
