@@ -39,7 +39,8 @@ def _gate(
     not tap (``result`` None). With ``load_ok`` False only what the load cannot have caused is
     judged (checksum, decryption, decompression): a load that died first cuts the branch short."""
     if result is None or branch is None:
-        return verify_file(spec, db, path, record, place, decrypt=True, hashed=digest.result)
+        request.verified = verify_file(spec, db, path, record, place, decrypt=True, hashed=digest.result)
+        return request.verified
     decode = {stage.name for stage in request.decode}
     judged = decode | ({stage.name for stage in branch.stages} if load_ok else set())
     run = replace(result, stages=[stage for stage in result.stages if stage.name in judged])
@@ -85,7 +86,8 @@ def restore(
     With ``from_dest``, ``file_arg`` ('latest' or a file name) is downloaded from that destination
     into a private temporary directory, its sha256 checked, then restored as below.
 
-    ``confirm(question)`` is asked after verification and before anything is touched; returning
+    ``confirm(question)`` is asked before anything is touched (after verification for engines that
+    restore in place; before the scratch load for engines that load into scratch); returning
     False aborts with InputError. Raises InputError for bad input, RunFailed/VerificationFailed
     when the restore or its checks fail (the target is then left as it was).
     """
