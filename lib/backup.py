@@ -81,31 +81,18 @@ def check_stream(
     record: dict[str, Any] | None,
     place: Place | None,
     decrypt: bool = False,
-    plaintext: bytes | None = None,
     name: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Read the stored file back through decode + engine inspection. Returns (checks, engine_meta).
     Raises VerificationFailed (with the failing stage) when anything is wrong. Messages call the
-    file ``name`` (default ``path.name``; a backup being made passes its final name, not the
-    temporary file's).
+    file ``name`` (default ``path.name``).
 
     A public-key encrypted file is decrypted only with ``decrypt`` (restore; needs the secret key);
-    otherwise its packet structure is checked, plus ``plaintext`` (the inspection output of the
-    stream before encryption, from the backup run) when given. A wrong passphrase or missing
-    secret key raises EnvironmentProblem instead."""
+    otherwise only its packet structure can be checked here (its plaintext was checked in flight
+    when it was made). A wrong passphrase or missing secret key raises EnvironmentProblem."""
     engine = get_engine(db.engine)
-    label = name or path.name
-    kind = (record or {}).get("compression") or compress.kind_from_name(path.name)
     if crypto.is_encrypted(path) and crypto.file_mode(path) == "public-key" and not decrypt:
-        checks = crypto.check_structure(spec, path, name=label)
-        if plaintext is None:
-            return checks, {}
-        try:
-            meta = engine.check_summary(db, plaintext)
-        except VerificationFailed as exc:
-            raise VerificationFailed(f"{label} failed verification before encryption: {exc}") from None
-        before = ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
-        return checks + [f"pre-encryption:{check}" for check in before], meta
+        return crypto.check_structure(spec, path, name=name or path.name), {}
     decode = decode_stages(spec, path, record)
     stages = decode + engine.inspect_stages(db, place)
     result = run_pipeline(stages, TailSink(256 * 1024), source=path)
