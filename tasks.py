@@ -255,19 +255,20 @@ def status(c, json=False, db=None, config=None):
     help={
         "db": "Drill only this database; repeatable (default: every database).",
         "from_": "Fetch the newest verified backup from this off-site destination instead of using the local one.",
+        "local_server": "PostgreSQL: restore into a throwaway cluster started on this host (initdb), not the live server.",
         "wait": WAIT_HELP,
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def drill(c, db=None, from_=None, wait=None, config=None):
+def drill(c, db=None, from_=None, local_server=False, wait=None, config=None):
     """Prove restorability: restore the newest verified backup into a throwaway database, compare row counts, drop it."""
     from lib.drill import run_drills, summary
 
     spec = spec_and_log(config)
     databases = spec.select(db)
     with locked(spec, "drill", wait):
-        results = run_drills(spec, databases, source=from_)
+        results = run_drills(spec, databases, source=from_, local_server=local_server)
     if any(not r["ok"] for r in results.values()):
         raise Exit("FAILED: " + summary(results), code=1)
     print(summary(results))

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from lib.config import DatabaseSpec, Spec
 from lib.engines import get_engine
 from lib.engines.base import Engine
 from lib.errors import EnvironmentProblem, InputError, ToolError
+from lib.localpg import throwaway_cluster
 from lib.metrics import write_metrics
 from lib.notify import Notifier, RunReport
 from lib.restore import restore
@@ -73,15 +75,30 @@ def supports_drills(engine: Engine) -> bool:
     return type(engine).drop_database is not Engine.drop_database
 
 
-def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[str, Any]:
+def drill_one(
+    spec: Spec, db: DatabaseSpec, source: str | None = None, local_server: bool = False, server: str = "live"
+) -> dict[str, Any]:
     """Drill one database; returns the recorded result (``ok`` False with ``error`` on failure).
+    With ``local_server`` (PostgreSQL only) the restore goes to a throwaway cluster started on this
+    host instead of the database's own server, which is not touched at all.
     Raises EnvironmentProblem when the engine cannot drill, InputError for a bad --from."""
+    if local_server:
+        if db.engine != "postgres":
+            raise InputError(f"{db.name}: --local-server drills are for PostgreSQL databases; drop the flag")
+        with throwaway_cluster() as cluster:
+            log.info("%s: throwaway PostgreSQL started in %s (port %s)", db.name, cluster.root, cluster.port)
+            local = replace(
+                db, host=str(cluster.sock), port=cluster.port, user="postgres", container=None, password_env=None
+            )
+            local = replace(local, options={**db.options, "host": local.host, "port": local.port, "user": "postgres"})
+            local_spec = replace(spec, databases={**spec.databases, db.name: local})
+            return drill_one(local_spec, local, source, server="throwaway local cluster")
     engine = get_engine(db.engine)
     if not supports_drills(engine):
         raise EnvironmentProblem(f"{db.name}: the {db.engine} engine cannot run restore drills yet")
     target = throwaway_name(db)
     place = engine.place(db, spec.env)
-    result: dict[str, Any] = {"ok": False, "source": source or "local", "target": target}
+    result: dict[str, Any] = {"ok": False, "source": source or "local", "target": target, "server": server}
     started = time.monotonic()
     log.info("%s: restore drill into throwaway database %s", db.name, target)
     try:
@@ -130,14 +147,16 @@ def drill_one(spec: Spec, db: DatabaseSpec, source: str | None = None) -> dict[s
     return result
 
 
-def run_drills(spec: Spec, databases: list[DatabaseSpec], source: str | None = None) -> dict[str, dict[str, Any]]:
+def run_drills(
+    spec: Spec, databases: list[DatabaseSpec], source: str | None = None, local_server: bool = False
+) -> dict[str, dict[str, Any]]:
     """Drill each database in turn; write metrics and run the notify hooks (no pings: the ping
     URL watches the backup schedule). Returns name -> result."""
     if source is not None:
         fetcher(spec, source)  # refuse a bad --from before anything runs
     notifier = Notifier(spec, "drill", pings=False)
     started = time.monotonic()
-    results = {db.name: drill_one(spec, db, source) for db in databases}
+    results = {db.name: drill_one(spec, db, source, local_server) for db in databases}
     write_metrics(spec)
     failed = {name: _DrillFailed(r["error"]) for name, r in results.items() if not r["ok"]}
     notifier.finish(RunReport("drill", list(results), failed, summary(results), time.monotonic() - started))

@@ -3,6 +3,7 @@ metrics, notifications, locking, scheduling, drills, disaster recovery, disk gua
 
 from __future__ import annotations
 
+import glob
 import http.server
 import json
 import os
@@ -17,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import DOUBLES, ROOT, ScratchDB, databases_like
+from conftest import DOUBLES, ROOT, ScratchDB, databases_like, psql
 
 
 def backup_ok(workspace, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -510,6 +511,23 @@ def test_drill_passes_and_is_recorded(workspace, sample_db):
     assert drills[0]["ok"] is True and drills[0]["rows"] == 920 and drills[0]["restore_seconds"] > 0
     code, report = status_json(workspace)
     assert code == 0 and report["databases"]["pg"]["last_successful_drill"]["at"] == drills[0]["at"]
+
+
+@pytest.mark.skipif(not glob.glob("/usr/lib/postgresql/*/bin/initdb"), reason="needs the PostgreSQL server package")
+def test_drill_on_a_throwaway_local_server_never_touches_the_live_one(workspace, sample_db):
+    config = workspace.postgres_config(sample_db.name, password_env="LIVE_ONLY_PASSWORD")
+    workspace.write_config(config)
+    backup_ok(workspace, env={"LIVE_ONLY_PASSWORD": "x"})
+    before = psql("SELECT count(*) FROM pg_database;")
+    result = workspace.invoke("drill", "--local-server")  # no live password needed: the live server is not used
+    assert result.returncode == 0, result.stderr
+    assert "throwaway PostgreSQL started" in result.stderr
+    assert "3 tables / 920 rows match the record" in result.stderr
+    assert psql("SELECT count(*) FROM pg_database;") == before
+    assert databases_like(f"{sample_db.name}_drill") == []
+    drills = json.loads((workspace.backup_dir / "pg" / "drills.json").read_text())["drills"]
+    assert drills[0]["ok"] is True and drills[0]["server"] == "throwaway local cluster"
+    assert not list(Path("/tmp").glob("lemon-backup-pg-*"))
 
 
 def test_drill_catches_a_row_count_mismatch(workspace, sample_db):
