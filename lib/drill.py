@@ -83,14 +83,16 @@ def drill_one(
     host instead of the database's own server, which is not touched at all.
     Raises EnvironmentProblem when the engine cannot drill, InputError for a bad --from."""
     if local_server:
-        if db.engine != "postgres":
-            raise InputError(f"{db.name}: --local-server drills are for PostgreSQL databases; drop the flag")
+        if not get_engine(db.engine).local_server_drills:
+            raise InputError(f"{db.name}: --local-server drills are not available for {db.engine}; drop the flag")
         with throwaway_cluster() as cluster:
             log.info("%s: throwaway PostgreSQL started in %s (port %s)", db.name, cluster.root, cluster.port)
             local = replace(
-                db, host=str(cluster.sock), port=cluster.port, user="postgres", container=None, password_env=None
+                db, host=str(cluster.sock), port=cluster.port, user=cluster.superuser, container=None, password_env=None
             )
-            local = replace(local, options={**db.options, "host": local.host, "port": local.port, "user": "postgres"})
+            local = replace(
+                local, options={**db.options, "host": local.host, "port": local.port, "user": cluster.superuser}
+            )
             local_spec = replace(spec, databases={**spec.databases, db.name: local})
             return drill_one(local_spec, local, source, server="throwaway local cluster")
     engine = get_engine(db.engine)

@@ -37,6 +37,8 @@ def _free_port() -> int:
 class Cluster:
     """A private PostgreSQL cluster in ``root``; as root, the server runs as the 'postgres' user."""
 
+    superuser = "postgres"  # the role initdb creates (-U) and the tool connects as
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.data = root / "pgdata"

@@ -64,6 +64,9 @@ class Engine:
     #: step after calling ``RestoreRequest.gate``: the file is then verified alongside the load
     #: instead of before it (one pass less). False: verified first, then restored.
     loads_into_scratch: bool = False
+    #: True when `invoke drill --local-server` can restore into a throwaway cluster of this
+    #: engine started on this host (lib/localpg.py)
+    local_server_drills: bool = False
     #: parts of a backup file name (without .gpg) that mark it as this engine's, e.g. ".sql";
     #: used for files without a record (made by the old scripts)
     file_markers: tuple[str, ...] = ()

@@ -72,6 +72,7 @@ class Postgres(Engine):
     name = "postgres"
     host_binaries = ("pg_dump", "psql")
     loads_into_scratch = True  # restore -> scratch database -> checks -> swap
+    local_server_drills = True
     file_markers = (".sql", ".dump")
 
     # -- where and how to connect -------------------------------------------------------------
