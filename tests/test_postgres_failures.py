@@ -44,21 +44,27 @@ def test_broken_dump_never_becomes_a_backup(workspace, sample_db, fault, needle)
         )
 
 
-def test_dump_cut_before_the_end_marker_is_refused(workspace, sample_db):
-    """Cut after all data but before the '-- PostgreSQL database dump complete' trailer."""
-    workspace.write_config(workspace.postgres_config(sample_db.name))
-    full = subprocess.run(
-        ["pg_dump", "--no-owner", "--no-acl", "-h", PGHOST, "-p", PGPORT, "-U", PGUSER, sample_db.name],
-        capture_output=True,
-        check=True,
-    ).stdout
-    cut = full.rindex(b"-- PostgreSQL database dump complete") - 10
+def real_dump(dbname: str) -> bytes:
+    """What the real pg_dump writes for ``dbname``, to choose where the fault injector cuts."""
+    argv = ["pg_dump", "--no-owner", "--no-acl", "-h", PGHOST, "-p", PGPORT, "-U", PGUSER, dbname]
+    return subprocess.run(argv, capture_output=True, check=True).stdout
+
+
+def backup_cut_at(workspace, cut: int):
+    """Run a backup whose pg_dump stops after ``cut`` bytes and exits 0 (the fault injector)."""
     env = {
         "PATH": f"{DOUBLES / 'faulty'}{os.pathsep}{workspace.env['PATH']}",
         "PG_DUMP_FAULT": "truncate-exit0",
         "PG_DUMP_FAULT_BYTES": str(cut),
     }
-    result = workspace.invoke("backup", "--all", env=env)
+    return workspace.invoke("backup", "--all", env=env)
+
+
+def test_dump_cut_before_the_end_marker_is_refused(workspace, sample_db):
+    """Cut after all data but before the '-- PostgreSQL database dump complete' trailer."""
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    full = real_dump(sample_db.name)
+    result = backup_cut_at(workspace, full.rindex(b"-- PostgreSQL database dump complete") - 10)
     assert_one_line_error(result, 1, "marker is missing")
     assert no_files_left(workspace)
 
@@ -349,17 +355,6 @@ def test_unset_password_variable_is_an_input_error(workspace, sample_db):
 
 def test_dump_cut_inside_a_copy_block_is_named(workspace, sample_db):
     workspace.write_config(workspace.postgres_config(sample_db.name))
-    full = subprocess.run(
-        ["pg_dump", "--no-owner", "--no-acl", "-h", PGHOST, "-p", PGPORT, "-U", PGUSER, sample_db.name],
-        capture_output=True,
-        check=True,
-    ).stdout
-    cut = full.index(b"COPY public.users") + 3000
-    env = {
-        "PATH": f"{DOUBLES / 'faulty'}{os.pathsep}{workspace.env['PATH']}",
-        "PG_DUMP_FAULT": "truncate-exit0",
-        "PG_DUMP_FAULT_BYTES": str(cut),
-    }
-    result = workspace.invoke("backup", "--all", env=env)
+    result = backup_cut_at(workspace, real_dump(sample_db.name).index(b"COPY public.users") + 3000)
     assert_one_line_error(result, 1, "the data of table public.users never ends")
     assert no_files_left(workspace)
