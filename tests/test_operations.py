@@ -555,11 +555,16 @@ def test_drill_fails_when_its_throwaway_database_cannot_be_dropped(workspace, sa
     real = shutil.which("psql")
     (wrap / "psql").write_text(
         "#!/usr/bin/env python3\n"
-        "import os, subprocess, sys\n"
-        "data = sys.stdin.buffer.read()\n"
-        "if b'DROP DATABASE' in data:\n"
-        "    sys.exit('ERROR:  must be owner of database (psql double refusing DROP DATABASE)')\n"
-        f"sys.exit(subprocess.run([{real!r}, *sys.argv[1:]], input=data).returncode)\n"
+        "import subprocess, sys\n"
+        f"psql = subprocess.Popen([{real!r}, *sys.argv[1:]], stdin=subprocess.PIPE)\n"
+        "for line in sys.stdin.buffer:  # line by line: sessions wait for each statement's result\n"
+        "    if b'DROP DATABASE' in line:\n"
+        "        psql.kill()\n"
+        "        sys.exit('ERROR:  must be owner of database (psql double refusing DROP DATABASE)')\n"
+        "    psql.stdin.write(line)\n"
+        "    psql.stdin.flush()\n"
+        "psql.stdin.close()\n"
+        "sys.exit(psql.wait())\n"
     )
     (wrap / "psql").chmod(0o755)
     result = workspace.invoke("drill", env={"PATH": f"{wrap}:{workspace.env['PATH']}"})

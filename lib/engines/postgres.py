@@ -9,6 +9,7 @@ import concurrent.futures
 import logging
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -17,6 +18,8 @@ from typing import Any
 from lib.config import DatabaseSpec
 from lib.engines import register
 from lib.engines.base import Engine, RestoreRequest
+from lib.engines.pgload import LoadWatch
+from lib.engines.pgsplit import Router, SqlRouter
 from lib.errors import RunFailed, StageFailed, ToolError, VerificationFailed
 from lib.exec import Place, child_env, require_binary
 from lib.store import utcnow
@@ -30,7 +33,7 @@ log = logging.getLogger("backup")
 # escapes newlines, so one line is one row.
 INSPECT_AWK = r"""
 BEGIN { incopy = 0; complete = 0 }
-incopy { if ($0 == "\\.") { print "T\t" tbl "\t" n; incopy = 0 } else n++; next }
+incopy { if ($0 == "\\.") { print "T\t" tbl "\t" n; fflush(); incopy = 0 } else n++; next }
 /^COPY .* FROM stdin;$/ {
   tbl = $0; sub(/^COPY /, "", tbl); sub(/ \(.*\) FROM stdin;$/, "", tbl); sub(/ FROM stdin;$/, "", tbl)
   n = 0; incopy = 1; complete = 0; next
@@ -43,16 +46,19 @@ END { if (incopy) print "OPEN\t" tbl; else print "END\t" complete }
 """
 
 
-# The restored database's regular and partitioned tables, one line each: hex-encoded (so no
+# The restored database's regular and partitioned tables and materialized views, one line each: hex-encoded (so no
 # character in a name can confuse the parsing) quote_ident form, every-part-quoted form, and the
-# bare name for tables in schema public (empty otherwise), separated by '|'.
+# bare name for tables in schema public (empty otherwise), separated by '|'; then 'x' when the
+# table has an expression index (whose statistics only an ANALYZE after the index build gathers).
 LIST_TABLES_SQL = r"""
 SELECT encode(convert_to(quote_ident(n.nspname) || '.' || quote_ident(c.relname), 'UTF8'), 'hex')
     || '|' || encode(convert_to('"' || replace(n.nspname, '"', '""') || '"."'
                                 || replace(c.relname, '"', '""') || '"', 'UTF8'), 'hex')
     || '|' || CASE WHEN n.nspname = 'public' THEN encode(convert_to(quote_ident(c.relname), 'UTF8'), 'hex') ELSE '' END
+    || '|' || CASE WHEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indexprs IS NOT NULL)
+                   THEN 'x' ELSE '' END
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p')
+WHERE c.relkind IN ('r', 'p', 'm')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname !~ '^pg_(toast|temp_)';
 """
@@ -65,6 +71,23 @@ def quote_ident(name: str) -> str:
 
 def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _start_session(place: Place, command: list[str]) -> subprocess.Popen:
+    """A psql session reading statements on stdin (output discarded, errors kept in a temp file
+    that is only used through the exit status)."""
+    return subprocess.Popen(
+        place.argv(command),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=place.env(),
+    )
+
+
+def _cat(request: RestoreRequest) -> Stage:
+    """A first stage for a stream with no decoding to do (an unencrypted, uncompressed file)."""
+    return Stage("cat", ["cat"])
 
 
 @register
@@ -208,8 +231,8 @@ class Postgres(Engine):
         )
         started = time.monotonic()
         try:
-            self._load(request, temp)
-            counts = self._check_restored(request, temp)
+            watch = self._load(request, temp)
+            counts = self._check_restored(request, temp, watch)
         except BaseException:
             log.error("restore failed; dropping temporary database %s, %s is untouched", temp, target)
             self._drop(db, place, maint, temp)
@@ -245,15 +268,20 @@ class Postgres(Engine):
         head = target.encode()[:room].decode("utf-8", "ignore")
         return head + suffix
 
-    def _load(self, request: RestoreRequest, temp: str) -> None:
+    def _load(self, request: RestoreRequest, temp: str) -> LoadWatch | None:
         """Load the dump into ``temp``. With ``request.gate`` the decoded stream is also tapped into
         ``request.verify_stages`` and the gate judges the file before any load error is raised (a
-        damaged file explains a failed load best). Raises StageFailed or the gate's error."""
+        damaged file explains a failed load best). A plain-SQL load is followed as it runs
+        (lib/engines/pgload.py): returns its LoadWatch, or None. Raises StageFailed or the gate's
+        error."""
         db = request.db
         # Index builds dominate a restore's tail; more memory for them (this session only) is the
-        # cheapest speed-up there is (measured: README "Benchmarks").
+        # cheapest speed-up there is (measured: README "Benchmarks"). The load commits table by
+        # table without waiting for the WAL flush: the scratch database is dropped if anything
+        # fails, and the swap's own (synchronous) commit flushes everything before it.
         memory = db.options.get("restore_maintenance_work_mem", "256MB")
-        options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), f"-c maintenance_work_mem={memory}"]))
+        settings = f"-c maintenance_work_mem={memory} -c synchronous_commit=off"
+        options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), settings]))
         place = replace(request.place, secrets={**request.place.secrets, "PGOPTIONS": options})
         conn = self.conn_args(db, temp)
         if self.fmt(db) == "custom":
@@ -267,32 +295,72 @@ class Postgres(Engine):
                 if verification is not None:
                     verification.result()
                 result.raise_for_status()
-                return
+                return None
             loader = Stage("pg_restore", place.argv(base), env=place.env())
+            stages = [*request.decode, loader]
+            if request.gate is None or not request.verify_stages:
+                run_pipeline(stages, TailSink(4096), source=request.source).raise_for_status()
+                return None
+            tap = Tap(request.verify_stages, name="tee (verify)", suffix=" (verify)")
+            result, branch = run_tapped(stages, len(request.decode), tap, TailSink(4096), source=request.source)
+            watch = None
         else:
-            command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-o", "/dev/null", *conn]
-            loader = Stage("psql (load)", place.argv(command), env=place.env())
-        stages = [*request.decode, loader]
-        if request.gate is None or not request.verify_stages:
-            result = run_pipeline(stages, TailSink(4096), source=request.source)
+            # Not one transaction: each table's COPY commits, so a second session can ANALYZE it
+            # while the next one loads (pgload.LoadWatch), and the index builds and foreign-key
+            # checks run in parallel sessions (pgsplit.SqlRouter, restore_jobs of them).
+            analyzer = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", *conn]
+            watch = LoadWatch(lambda: _start_session(place, analyzer))
+            router = SqlRouter(
+                Router(
+                    psql=lambda flags: place.argv(["psql", "-X", *flags, "-v", "ON_ERROR_STOP=1", *conn]),
+                    env=place.env(),
+                    jobs=int(db.options.get("restore_jobs", 2)),
+                    on_copy_tag=watch.on_psql_line,
+                    rows=watch.rows_by_table,
+                )
+            )
+            try:
+                if request.gate is None or not request.verify_stages:
+                    result = run_pipeline(request.decode or [_cat(request)], router, source=request.source)
+                    result.raise_for_status()
+                    router.raise_failure()
+                    return None
+                tap = Tap(request.verify_stages, name="tee (verify)", suffix=" (verify)", on_line=watch.on_verify_line)
+                result, branch = run_tapped(
+                    request.decode or [_cat(request)], len(request.decode or [None]), tap, router, source=request.source
+                )
+            finally:
+                analyzed = watch.finish()
+            if not analyzed:
+                log.info("%s: the ANALYZE session during the load failed; analyzing after the load", db.name)
+                watch.analyzed.clear()
+            if router.parallel_items:
+                log.info("%s: %d index builds and foreign-key checks ran in parallel", db.name, router.parallel_items)
+            # The router reads the whole stream even after a failed load, so the file is always
+            # judged in full: a damaged file explains a failed load best.
+            request.gate(result, branch, True)
             result.raise_for_status()
-            return
-        tap = Tap(request.verify_stages, name="tee (verify)", suffix=" (verify)")
-        result, branch = run_tapped(stages, len(request.decode), tap, TailSink(4096), source=request.source)
+            router.raise_failure()
+            return watch
         loaded = next(s for s in result.stages if s.name == loader.name)
         request.gate(result, branch, loaded.returncode == 0)
         result.raise_for_status()
+        return watch
 
-    def _check_restored(self, request: RestoreRequest, temp: str) -> dict[str, int]:
-        """ANALYZE, then compare per-table row counts with those recorded at backup time.
+    def _check_restored(self, request: RestoreRequest, temp: str, watch: LoadWatch | None) -> dict[str, int]:
+        """Compare per-table row counts with those recorded at backup time, and ANALYZE what the
+        load did not already analyze (every table, without a ``watch``; else tables it missed
+        and those with expression indexes).
 
-        The record's table names are only compared with the restored database's own list of
-        tables, never put into SQL: the count query is built from names that came from the
-        database itself (so a tampered record cannot inject SQL). Raises RunFailed naming
-        recorded tables that are missing and tables whose counts differ."""
+        Row counts come from the load's own COPY results when it was followed (``watch``: the
+        server's count of the rows it took, block by block, against the rows in the file), else
+        from count(*) queries. The record's table names are only compared with the restored
+        database's own list of tables, never put into SQL: queries are built from names that
+        came from the database itself (so a tampered record cannot inject SQL). Raises RunFailed
+        naming recorded tables that are missing and tables whose counts differ."""
         db, place = request.db, request.place
         expected: dict[str, int] = dict(request.record.get("engine_meta", {}).get("tables", {}))
-        present = self._tables(db, place, temp)
+        present, with_expressions = self._tables(db, place, temp)
         missing = sorted(t for t in expected if t not in present)
         if missing:
             raise RunFailed(
@@ -300,43 +368,73 @@ class Postgres(Engine):
                 + ", ".join(missing[:10])
                 + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
             )
-        # ANALYZE and the row counts in two sessions at once, tables split by recorded size.
-        names = sorted(expected)
-        sizes = {present[t]: n for t, n in expected.items()}
-        halves: list[list[str]] = [[], []]
-        loads = [0, 0]
-        for table in sorted(set(present.values()), key=lambda t: -sizes.get(t, 0)):
-            side = loads.index(min(loads))
-            halves[side].append(table)
-            loads[side] += sizes.get(table, 0) + 1
-        scripts = [("".join(f"ANALYZE {t};\n" for t in half) or "SELECT 1 WHERE false;\n") for half in halves]
-        counting = [f"SELECT {i}, count(*) FROM {present[t]}" for i, t in enumerate(names)]
-        if counting:
-            scripts[1] += "\nUNION ALL\n".join(counting) + ";\n"
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            runs = [pool.submit(self.psql, db, place, temp, script, "psql (analyze, count rows)") for script in scripts]
-            out = [run.result() for run in runs][1]
-        found = {}
-        for line in out.splitlines():
-            index, _, rows = line.partition("|")
-            found[names[int(index)]] = int(rows)
+        if watch is not None:
+            problems = watch.mismatches()
+            if problems:
+                raise RunFailed("the server loaded other row counts than the file holds: " + "; ".join(problems[:5]))
+            loaded = watch.rows_by_table()
+            found = {t: loaded.get(t, 0) for t in expected}
+            done = {present[t] for t in watch.analyzed if t in present}
+            todo = [t for t in sorted(set(present.values())) if t not in done or t in with_expressions]
+            sizes = {present[t]: n for t, n in loaded.items() if t in present}
+            self._analyze(db, place, temp, todo, sizes)
+        else:
+            names = sorted(expected)
+            counting = [f"SELECT {i}, count(*) FROM {present[t]}" for i, t in enumerate(names)]
+            count_sql = "\nUNION ALL\n".join(counting) + ";\n" if counting else ""
+            sizes = {present[t]: n for t, n in expected.items()}
+            out = self._analyze(db, place, temp, sorted(set(present.values())), sizes, count_sql)
+            found = {}
+            for line in out.splitlines():
+                index, _, rows = line.partition("|")
+                found[names[int(index)]] = int(rows)
         wrong = [f"{t}: {found.get(t)} rows, expected {n}" for t, n in expected.items() if found.get(t) != n]
         if wrong:
             raise RunFailed("restored row counts differ from the backup's record: " + "; ".join(wrong[:5]))
         return found
 
-    def _tables(self, db: DatabaseSpec, place: Place, dbname: str) -> dict[str, str]:
+    def _analyze(
+        self, db: DatabaseSpec, place: Place, dbname: str, tables: list[str], sizes: dict[str, int], extra: str = ""
+    ) -> str:
+        """ANALYZE ``tables`` (quote_ident forms read from the database) in two sessions at once,
+        split by size, the second also running ``extra``; returns the second session's output."""
+        halves: list[list[str]] = [[], []]
+        loads = [0, 0]
+        for table in sorted(tables, key=lambda t: -sizes.get(t, 0)):
+            side = loads.index(min(loads))
+            halves[side].append(table)
+            loads[side] += sizes.get(table, 0) + 1
+        scripts = ["".join(f"ANALYZE {t};\n" for t in half) for half in halves]
+        scripts[1] += extra
+        if not scripts[0]:
+            scripts.reverse()
+        runs = [script for script in scripts if script]
+        if not runs:
+            return ""
+        with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+            futures = [
+                pool.submit(self.psql, db, place, dbname, script, "psql (analyze, count rows)") for script in runs
+            ]
+            outputs = [future.result() for future in futures]
+        return outputs[-1] if extra else ""
+
+    def _tables(self, db: DatabaseSpec, place: Place, dbname: str) -> tuple[dict[str, str], set[str]]:
         """The regular and partitioned tables of ``dbname``, read from the database itself: every
         way a dump may name one ('schema.table' quoted as pg_dump does, every part quoted as with
         --quote-all-identifiers, and a bare name for tables in public, as old pg_dump versions
-        wrote) -> its quote_ident form ``schema.table``."""
+        wrote) -> its quote_ident form ``schema.table``; and the tables (quote_ident forms) that
+        have an expression index."""
         tables: dict[str, str] = {}
+        with_expressions: set[str] = set()
         for line in self.psql(db, place, dbname, LIST_TABLES_SQL, "psql (list tables)").split():
-            forms = [bytes.fromhex(part).decode("utf-8") for part in line.split("|")]
+            *parts, flag = line.split("|")
+            forms = [bytes.fromhex(part).decode("utf-8") for part in parts]
             for form in forms:
                 if form:
                     tables.setdefault(form, forms[0])
-        return tables
+            if flag == "x":
+                with_expressions.add(forms[0])
+        return tables, with_expressions
 
     def _swap(self, db: DatabaseSpec, place: Place, maint: str, target: str, temp: str, previous: str, log) -> None:
         """Terminate sessions on target, then rename target->previous and temp->target atomically."""

@@ -1,0 +1,446 @@
+"""Loading a plain-SQL pg_dump stream with its index builds and foreign-key checks in parallel.
+
+A plain dump is one script: schema, then every table's COPY data, then the post-data section
+(primary keys, indexes, foreign keys), all of which psql would run one after the other in a
+single session. Building the indexes and checking the foreign keys is about half of a restore,
+and it is work the server can do in several sessions at once. ``SqlRouter`` is the sink of the
+decoded stream. It passes the stream on to a psql session unchanged (COPY data in bulk: Python
+only looks for the end-of-data line), except the entries pg_dump labels ``INDEX``, ``CONSTRAINT``
+and ``FK CONSTRAINT``, which it holds back and then runs in ``jobs`` sessions at once, the way
+``pg_restore --jobs`` does for custom-format files:
+
+- first the indexes and non-FK constraints, never two on the same table at once;
+- then the foreign keys, added ``NOT VALID`` one after the other (a catalog change), then
+  ``VALIDATE``d in parallel, never two on the same table at once. The end state is the same as
+  the dump's ``ADD CONSTRAINT`` (a validated constraint); a foreign key the dump itself marks
+  ``NOT VALID`` stays so.
+
+Anything it does not recognise exactly (a statement of another shape, a ``\\connect``, a ``SET
+ROLE``, a held-back entry that grows large) ends the holding back: what was held runs first, then
+the stream continues in order in one session. Every session replays the dump's preamble (its SET
+lines) and the current ``default_tablespace`` and ``default_table_access_method``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lib.errors import StageFailed
+from lib.exec import tail_text
+from lib.stream import Sink
+
+_IDENT = rb'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
+_QNAME = rb"(?:" + _IDENT + rb"(?:\." + _IDENT + rb")?)"
+# The lines the router looks at; everything else passes through untouched.
+_MARK = re.compile(rb"^(?:COPY |-- (?:Data for )?Name: |SET |RESET |\\|SELECT pg_catalog\.set_config\()", re.M)
+_HEADER = re.compile(rb"-- (?:Data for )?Name: .*; Type: ([A-Z][A-Z ]*); Schema: ")
+_COPY_LINE = re.compile(rb"COPY .* FROM stdin;\n")
+_STATE_SET = re.compile(rb"SET (default_tablespace|default_table_access_method) = [^;\n]*;\n")
+_INDEX = re.compile(rb"CREATE (?:UNIQUE )?INDEX " + _IDENT + rb" ON (?:ONLY )?(" + _QNAME + rb") USING [^\n]*;")
+_CONSTRAINT = re.compile(
+    rb"ALTER TABLE (ONLY )?(" + _QNAME + rb")\n    ADD CONSTRAINT (" + _IDENT + rb") (?!FOREIGN KEY )[^\n]*;"
+)
+_FOREIGN_KEY = re.compile(
+    rb"ALTER TABLE (ONLY )?(" + _QNAME + rb")\n    ADD CONSTRAINT (" + _IDENT + rb") FOREIGN KEY "
+    rb"\([^\n]*\) REFERENCES (" + _QNAME + rb")\([^\n]*;"
+)
+HOLD_LIMIT = 1 << 20  # a held-back entry larger than this is not one of ours
+TERMINATOR = b"\n\\.\n"
+
+
+@dataclass
+class Item:
+    """One held-back entry: ``sql`` to run (after the session's preamble and ``state`` lines);
+    ``tables`` it locks; for a foreign key added NOT VALID, ``validate`` runs afterwards."""
+
+    kind: str  # "build" (index, constraint) or "fk"
+    sql: bytes
+    tables: frozenset[bytes]
+    state: bytes = b""
+    validate: bytes | None = None
+    order: int = 0
+    cost: int = 0
+
+
+def classify(header_type: str, body: bytes, order: int, state: bytes) -> Item | None:
+    """The entry as a parallel item, or None when it is not exactly the shape expected."""
+    lines = body.split(b"\n")
+    statement: list[bytes] = []
+    sets: list[bytes] = []
+    for line in lines:
+        if not line or line.startswith(b"--"):
+            if statement and line and not statement[-1].endswith(b";"):
+                return None  # a comment inside the statement: not ours
+            continue
+        if statement and statement[-1].endswith(b";"):
+            return None  # a second statement
+        if not statement and _STATE_SET.fullmatch(line + b"\n"):
+            sets.append(line + b"\n")
+            continue
+        statement.append(line)
+    text = b"\n".join(statement)
+    if text.count(b"'") % 2 or text.count(b'"') % 2:
+        return None  # a literal spanning lines: not a shape to cut out of the stream
+    prefix = b"".join(sets)
+    if header_type == "INDEX" and (m := _INDEX.fullmatch(text)):
+        return Item("build", prefix + text + b"\n", frozenset([m.group(1)]), state, order=order)
+    if header_type == "CONSTRAINT" and (m := _CONSTRAINT.fullmatch(text)):
+        return Item("build", prefix + text + b"\n", frozenset([m.group(2)]), state, order=order)
+    if header_type == "FK CONSTRAINT" and (m := _FOREIGN_KEY.fullmatch(text)):
+        table, name, referenced = m.group(2), m.group(3), m.group(4)
+        if m.group(1) and b" NOT VALID" not in text:  # ONLY: a plain table, where NOT VALID is allowed
+            add = prefix + text[:-1] + b" NOT VALID;\n"
+            check = b"ALTER TABLE " + table + b" VALIDATE CONSTRAINT " + name + b";\n"
+            return Item("fk", add, frozenset([table]), state, validate=check, order=order)
+        return Item("fk", prefix + text + b"\n", frozenset([table, referenced]), state, order=order)
+    return None
+
+
+class Session:
+    """A psql process reading SQL on stdin. ``on_line`` gets its stdout lines (a reader thread);
+    stderr goes to a temp file for the error message."""
+
+    def __init__(self, argv: Sequence[str], env, on_line: Callable[[bytes], None] | None = None) -> None:
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=env, close_fds=True
+        )
+        self.lines: list[bytes] = []
+        self.primed = False  # the dump's preamble was sent
+        self._cond = threading.Condition()
+        self._eof = False
+        self._on_line = on_line
+        self._reader = threading.Thread(target=self._read, name="psql-out", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip(b"\n")
+            if self._on_line is not None:
+                self._on_line(line)
+            else:
+                with self._cond:
+                    self.lines.append(line)
+                    self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def send(self, data: bytes | memoryview) -> bool:
+        """Write ``data``; False when psql is gone."""
+        view = memoryview(data)
+        fd = self.proc.stdin.fileno()
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
+    def run(self, sql: bytes, marker: bytes) -> bool:
+        """Run ``sql`` and wait until it is done (a SELECT of ``marker`` after it comes back).
+        False when psql stopped (an error: ON_ERROR_STOP)."""
+        if not self.send(sql + b"SELECT '" + marker + b"';\n"):
+            return False
+        with self._cond:
+            while True:
+                if marker in self.lines:
+                    self.lines.clear()
+                    return True
+                if self._eof:
+                    return False
+                self._cond.wait()
+
+    def close(self) -> tuple[int, str]:
+        """End the session; (exit status, stderr tail)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        code = self.proc.wait()
+        self._reader.join()
+        self.err.seek(0)
+        text = tail_text(self.err.read()[-8192:])
+        self.err.close()
+        return code, text
+
+
+@dataclass
+class Router:
+    """Settings shared by the sessions a router starts."""
+
+    #: the argv of a psql session reading stdin, given extra psql flags (e.g. ["-q"])
+    psql: Callable[[list[str]], list[str]]
+    env: dict
+    jobs: int = 2
+    on_copy_tag: Callable[[bytes], None] | None = None
+    #: rows loaded so far per table (as the dump names it): the longest work goes first
+    rows: Callable[[], dict[str, int]] = dict
+
+
+class SqlRouter(Sink):
+    """The sink of a decoded plain-SQL dump stream; see the module docstring. ``failure`` holds
+    the StageFailed of a session that stopped (the rest of the stream is then drained unread)."""
+
+    name = "psql (load)"
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self.r = router
+        self.serial: Session | None = None
+        self.sessions_started = 0
+        self.failure: StageFailed | None = None
+        self.copying = False
+        self.carry = b""
+        self.pending = b""
+        self.preamble = bytearray()
+        self.in_preamble = True
+        self.state: dict[bytes, bytes] = {}
+        self.in_order_only = router.jobs < 2
+        self.holding: bytearray | None = None
+        self.holding_type = ""
+        self.holding_state = b""
+        self.batch: list[Item] = []
+        self.entries = 0
+        self.token = secrets.token_hex(8).encode()
+        self.parallel_items = 0
+
+    # -- the stream ----------------------------------------------------------------------------
+    def write(self, data: memoryview) -> None:
+        super().write(data)
+        if self.failure is not None:
+            return
+        buf = self.pending + bytes(data)
+        self.pending = b""
+        pos = 0
+        while pos < len(buf) and self.failure is None:
+            if self.copying:
+                pos = self._copy(buf, pos)
+                continue
+            end = buf.rfind(b"\n", pos) + 1
+            if end <= pos:
+                self.pending = buf[pos:]
+                return
+            pos = self._sql(buf, pos, end)
+            if not self.copying and pos == end and end < len(buf):
+                self.pending = buf[end:]
+                return
+
+    def _copy(self, buf: bytes, pos: int) -> int:
+        probe = self.carry + buf[pos : pos + 3]
+        hit = probe.find(TERMINATOR)
+        if hit >= 0:
+            end = pos + hit + len(TERMINATOR) - len(self.carry)
+        else:
+            found = buf.find(TERMINATOR, pos)
+            end = found + len(TERMINATOR) if found >= 0 else -1
+        if end < 0:
+            self._to_serial(memoryview(buf)[pos:])
+            self.carry = (self.carry + buf[pos:])[-3:]
+            return len(buf)
+        self._to_serial(memoryview(buf)[pos:end])
+        self.copying = False
+        return end
+
+    def _sql(self, buf: bytes, start: int, end: int) -> int:
+        cur = start
+        for match in _MARK.finditer(buf, start, end):
+            at = match.start()
+            self._route(buf[cur:at])
+            line_end = buf.index(b"\n", at) + 1
+            line = buf[at:line_end]
+            cur = line_end
+            if self._line(line):  # a COPY line: data follows
+                return line_end
+            if self.failure is not None:
+                return end
+        self._route(buf[cur:end])
+        return end
+
+    def _line(self, line: bytes) -> bool:
+        """Handle a marked line; True when it starts COPY data."""
+        if line.startswith(b"COPY ") and _COPY_LINE.fullmatch(line):
+            if self.holding is not None:
+                self._release_held()
+            self._to_serial(line)
+            self.copying, self.carry = True, b"\n"
+            return True
+        if line.startswith(b"-- "):
+            header = _HEADER.match(line)
+            if header is None:
+                self._route(line)
+                return False
+            self._entry(header.group(1).decode().strip(), line)
+            return False
+        if state := _STATE_SET.fullmatch(line):
+            self.state[state.group(1)] = line
+        elif line.startswith(b"\\unrestrict ") and self.holding is not None:
+            return False  # the held entries' sessions end restricted; that is fine
+        elif not self.in_preamble and not line.startswith(b"\\restrict "):
+            self._in_order_from_now()  # SET ROLE, \connect, a search_path change...: one session
+        self._route(line)
+        return False
+
+    def _entry(self, kind: str, header: bytes) -> None:
+        self._finish_held()
+        if self.in_preamble:
+            self.in_preamble = False
+        self.entries += 1
+        if not self.in_order_only and kind in ("INDEX", "CONSTRAINT", "FK CONSTRAINT"):
+            self.holding = bytearray(header)
+            self.holding_type = kind
+            self.holding_state = b"".join(self.state.values())
+            return
+        if self.batch:
+            self._run_batch()
+        self._to_serial(header)
+
+    def _route(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.holding is not None:
+            self.holding += data
+            if len(self.holding) > HOLD_LIMIT:
+                self._release_held()
+            return
+        if self.in_preamble:
+            self.preamble += data
+        self._to_serial(data)
+
+    def _finish_held(self) -> None:
+        if self.holding is None:
+            return
+        item = classify(self.holding_type, bytes(self.holding), self.entries, self.holding_state)
+        if item is None:
+            self._release_held()
+            return
+        self.batch.append(item)
+        self.holding = None
+
+    def _release_held(self) -> None:
+        """The held entry is not ours: run what is batched, then the entry, in order."""
+        held, self.holding = self.holding, None
+        if self.batch:
+            self._run_batch()
+        self._to_serial(bytes(held or b""))
+
+    def _in_order_from_now(self) -> None:
+        if self.in_order_only:
+            return
+        self._finish_held()
+        if self.batch:
+            self._run_batch()
+        self.in_order_only = True
+
+    # -- sessions ------------------------------------------------------------------------------
+    def _start(self, on_line: Callable[[bytes], None] | None, quiet: bool) -> Session:
+        self.sessions_started += 1
+        return Session(self.r.psql(["-q", "-A", "-t"] if quiet else []), self.r.env, on_line)
+
+    def _to_serial(self, data: bytes | memoryview) -> None:
+        if not data or self.failure is not None:
+            return
+        if self.serial is None:
+            self.serial = self._start(self.r.on_copy_tag, quiet=False)
+            if self.sessions_started > 1:  # a later session: replay the preamble and state
+                self.serial.send(bytes(self.preamble) + b"".join(self.state.values()))
+        if not self.serial.send(data):
+            self._close_serial()
+
+    def _close_serial(self) -> None:
+        if self.serial is None:
+            return
+        session, self.serial = self.serial, None
+        code, text = session.close()
+        if code != 0 and self.failure is None:
+            self.failure = StageFailed(self.name, f"exit status {code}", text)
+
+    def _run_batch(self) -> None:
+        """Run the held items: builds in parallel, then foreign keys (added, then validated in
+        parallel). The session that ran everything before them must have finished first."""
+        batch, self.batch = self.batch, []
+        self._close_serial()
+        if self.failure is not None:
+            return
+        self.parallel_items += len(batch)
+        rows = self.r.rows()
+        for item in batch:
+            item.cost = max(rows.get(table.decode("utf-8", "replace"), 0) for table in item.tables)
+        pool = [self._start(None, quiet=True) for _ in range(max(1, min(self.r.jobs, len(batch))))]
+        ok = True
+        try:
+            builds = [item for item in batch if item.kind == "build"]
+            keys = [item for item in batch if item.kind == "fk"]
+            checks = [item for item in keys if item.validate]
+            ok = self._parallel(pool, builds, lambda item: item.sql)
+            ok = ok and self._parallel(pool[:1], keys, lambda item: item.sql)
+            ok = ok and self._parallel(pool, checks, lambda item: item.validate or b"")
+        finally:
+            for session in pool:
+                code, text = session.close()
+                if code != 0 and self.failure is None:
+                    self.failure = StageFailed("psql (load, parallel)", f"exit status {code}", text)
+        if not ok and self.failure is None:
+            self.failure = StageFailed("psql (load, parallel)", "a statement did not complete")
+
+    def _parallel(self, pool: list[Session], items: list[Item], sql_of: Callable[[Item], bytes]) -> bool:
+        """Run ``items`` in the sessions of ``pool``, largest first, never two on the same table
+        at once. False when one failed (the others stop taking new items)."""
+        if not items:
+            return True
+        todo = sorted(items, key=lambda item: (-item.cost, item.order))
+        busy: set[bytes] = set()
+        cond = threading.Condition()
+        errors: list[int] = []
+
+        def worker(session: Session, index: int) -> None:
+            count = 0
+            while True:
+                with cond:
+                    while True:
+                        if errors or not todo:
+                            return
+                        pick = next((i for i in todo if not (i.tables & busy)), None)
+                        if pick is not None:
+                            todo.remove(pick)
+                            busy.update(pick.tables)
+                            break
+                        cond.wait()
+                count += 1
+                marker = b"pgsplit-" + self.token + b"-%d-%d" % (index, count)
+                sql = (b"" if session.primed else bytes(self.preamble)) + pick.state + sql_of(pick)
+                session.primed = True
+                ok = session.run(sql, marker)
+                with cond:
+                    busy.difference_update(pick.tables)
+                    if not ok:
+                        errors.append(index)
+                    cond.notify_all()
+
+        threads = [threading.Thread(target=worker, args=(s, n), daemon=True) for n, s in enumerate(pool)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return not errors
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def close(self) -> None:
+        if self.failure is None:
+            if self.pending:
+                data, self.pending = self.pending + b"\n", b""
+                self._sql(data, 0, len(data))
+            self._finish_held()
+            if self.batch:
+                self._run_batch()
+        self._close_serial()

@@ -1,0 +1,139 @@
+"""Plain-SQL restores with the post-data section run in parallel sessions (lib/engines/pgsplit.py)
+and tables ANALYZEd while the load goes on (lib/engines/pgload.py), against the real server: the
+restored database must be exactly what pg_dump saw, whatever the schema throws at the router."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import PGHOST, PGPORT, PGUSER, databases_like, psql
+
+from lib.engines.pgsplit import classify
+
+# Everything the router must either run in parallel correctly or leave in order: circular and
+# self-referencing foreign keys, a deferrable one, one NOT VALID with violating rows, quoted
+# names with dots and spaces, expression and partial indexes (a literal holding ';' and quotes),
+# a commented index, a NOT VALID CHECK, a partitioned table (its FK has no ONLY; index attach),
+# a trigger, a materialized view with an index.
+SCHEMA_SQL = r"""
+CREATE SCHEMA "Odd Schema";
+CREATE TABLE parent (id int PRIMARY KEY, code text UNIQUE, partner int);
+CREATE TABLE child (id int, parent_id int, note text, up int, CONSTRAINT child_pk PRIMARY KEY (id));
+CREATE TABLE "Odd Schema"."Weird. Table" ("Id" int PRIMARY KEY, ref int);
+ALTER TABLE parent ADD CONSTRAINT parent_partner_fk FOREIGN KEY (partner) REFERENCES child(id) DEFERRABLE INITIALLY DEFERRED;
+ALTER TABLE child ADD CONSTRAINT child_parent_fk FOREIGN KEY (parent_id) REFERENCES parent(id) ON DELETE CASCADE;
+ALTER TABLE child ADD CONSTRAINT child_up_fk FOREIGN KEY (up) REFERENCES child(id);
+ALTER TABLE "Odd Schema"."Weird. Table" ADD CONSTRAINT "Weird FK" FOREIGN KEY (ref) REFERENCES parent(id);
+CREATE TABLE loose (id int, parent_id int);
+INSERT INTO loose VALUES (1, 999999);
+ALTER TABLE loose ADD CONSTRAINT loose_fk FOREIGN KEY (parent_id) REFERENCES parent(id) NOT VALID;
+CREATE INDEX child_lower_note ON child (lower(note));
+CREATE INDEX child_partial ON child (id) WHERE note <> 'semi;colon ''quoted''';
+CREATE UNIQUE INDEX parent_code_upper ON parent (upper(code));
+COMMENT ON INDEX child_partial IS 'a commented index';
+ALTER TABLE child ADD CONSTRAINT child_note_len CHECK (length(note) < 100) NOT VALID;
+CREATE TABLE events (id int, parent_id int REFERENCES parent(id), at date) PARTITION BY RANGE (at);
+CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+CREATE INDEX events_at ON events (at);
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN NEW.note := NEW.note; RETURN NEW; END$$;
+CREATE TRIGGER child_touch BEFORE UPDATE ON child FOR EACH ROW EXECUTE FUNCTION touch();
+INSERT INTO parent SELECT g, 'code' || g, NULL FROM generate_series(1, 2000) g;
+INSERT INTO child SELECT g, 1 + g % 2000, 'note ' || g, NULLIF(g - 1, 0) FROM generate_series(1, 5000) g;
+UPDATE parent SET partner = id WHERE id <= 100;
+INSERT INTO "Odd Schema"."Weird. Table" SELECT g, g FROM generate_series(1, 300) g;
+INSERT INTO events SELECT g, 1 + g % 2000, date '2026-01-01' + (g % 300) FROM generate_series(1, 3000) g;
+CREATE MATERIALIZED VIEW parent_counts AS SELECT parent_id, count(*) AS n FROM child GROUP BY parent_id;
+CREATE INDEX parent_counts_idx ON parent_counts (parent_id);
+"""
+
+CONSTRAINTS_SQL = (
+    "SELECT conname || ':' || contype::text || ':' || convalidated FROM pg_constraint WHERE conrelid <> 0 ORDER BY 1;"
+)
+
+
+def schema_of(dbname: str) -> str:
+    out = subprocess.run(
+        ["pg_dump", "--schema-only", "-h", PGHOST, "-p", PGPORT, "-U", PGUSER, dbname],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
+
+
+def backup_and_restore(workspace, db, target: str, **options):
+    workspace.write_config(workspace.postgres_config(db.name, **options))
+    result = workspace.invoke("backup", "--all")
+    assert result.returncode == 0, result.stderr
+    return workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--into", target, "--yes")
+
+
+@pytest.mark.parametrize("jobs", [2, 1])
+def test_restored_database_is_exactly_the_dumped_one(workspace, scratch_db, jobs):
+    scratch_db.sql(SCHEMA_SQL)
+    target = f"{scratch_db.name}_copy"
+    result = backup_and_restore(workspace, scratch_db, target, restore_jobs=jobs)
+    assert result.returncode == 0, result.stderr
+    assert schema_of(target) == schema_of(scratch_db.name)
+    assert scratch_db.checksums(target) == scratch_db.checksums()
+    assert psql(CONSTRAINTS_SQL, target) == psql(CONSTRAINTS_SQL, scratch_db.name)
+    assert "loose_fk:f:false" in psql(CONSTRAINTS_SQL, target)  # NOT VALID stays so
+    ran_parallel = "ran in parallel" in result.stderr
+    assert ran_parallel is (jobs > 1), result.stderr
+    # every table has statistics, including those ANALYZEd while the load went on
+    unanalyzed = psql("SELECT relname FROM pg_stat_user_tables WHERE last_analyze IS NULL ORDER BY 1;", target)
+    assert unanalyzed == "", unanalyzed
+    # expression-index statistics exist (gathered after the index build)
+    assert psql("SELECT count(*) FROM pg_stats WHERE tablename = 'child_lower_note';", target) == "1"
+
+
+def test_a_failing_parallel_index_build_leaves_the_target_untouched(workspace, scratch_db):
+    """An index whose build fails only at restore time (its function sees pg_dump's empty
+    search_path): the failure comes from a parallel session, the scratch database is dropped,
+    the target is untouched and the error names the statement's message."""
+    scratch_db.sql(
+        r"""
+        CREATE FUNCTION picky(int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$
+        BEGIN
+          IF current_setting('search_path') = '' THEN RAISE EXCEPTION 'picky index refuses row %', $1; END IF;
+          RETURN $1;
+        END $$;
+        CREATE TABLE items (id int PRIMARY KEY, v int);
+        INSERT INTO items SELECT g, g FROM generate_series(1, 100) g;
+        CREATE INDEX items_picky ON items (public.picky(v));
+        """
+    )
+    backup_and_restore(workspace, scratch_db, scratch_db.name + "_unused")  # makes the backup
+    before = scratch_db.checksums()
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "psql (load, parallel) failed" in result.stderr and "picky index refuses row" in result.stderr
+    assert scratch_db.checksums() == before
+    assert databases_like(scratch_db.name) == [scratch_db.name]
+
+
+# -- the classifier, on the shapes pg_dump writes ----------------------------------------------
+def test_classify_takes_only_exact_shapes():
+    index = b"--\n-- Name: t_v; Type: INDEX; Schema: public; Owner: -\n--\n\nCREATE INDEX t_v ON public.t USING btree (v);\n\n\n"
+    item = classify("INDEX", index, 1, b"")
+    assert item is not None and item.kind == "build" and item.tables == {b"public.t"}
+    fk = (
+        b"--\n-- Name: t t_fk; Type: FK CONSTRAINT; Schema: public; Owner: -\n--\n\n"
+        b'ALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_fk FOREIGN KEY (r) REFERENCES "S"."U v"(id);\n\n\n'
+    )
+    item = classify("FK CONSTRAINT", fk, 2, b"")
+    assert item.sql.endswith(b'REFERENCES "S"."U v"(id) NOT VALID;\n')
+    assert item.validate == b"ALTER TABLE public.t VALIDATE CONSTRAINT t_fk;\n"
+    assert item.tables == {b"public.t"}
+    # a literal spanning lines, a second statement, another statement kind: not ours
+    assert (
+        classify("CONSTRAINT", b"ALTER TABLE ONLY public.t\n    ADD CONSTRAINT c CHECK ((v <> 'a;\n-- b'));\n", 3, b"")
+        is None
+    )
+    assert classify("INDEX", index + b"DROP TABLE public.t;\n", 4, b"") is None
+    assert classify("INDEX", b"ALTER TABLE public.t OWNER TO x;\n", 5, b"") is None
+    # a dump's own NOT VALID foreign key is added as it is
+    not_valid = fk.replace(b"(id);", b"(id) NOT VALID;")
+    assert classify("FK CONSTRAINT", not_valid, 6, b"").validate is None
