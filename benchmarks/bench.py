@@ -9,7 +9,8 @@ PostgreSQL server, then runs, alternately and --runs times:
   (a) old:   pg_dump --no-owner --no-acl | gzip > f; gzip -t f; gpg --symmetric --cipher-algo AES256 f; cp f.gpg offsite/
   (b) tool:  invoke backup (dump, compress, verify, encrypt, copy to a local rsync destination)
   (c) floor: pg_dump > /dev/null
-and for restore: (a) gunzip -c f | psql   vs   (b) invoke restore --into.
+and for restore: (a) createdb; gunzip -c f | psql   vs   (b) invoke restore --into.
+Before every timed run: CHECKPOINT and sync, so no run pays for the previous one's writeback.
 Prints wall time, CPU time (user+sys of the process tree), peak RSS of the tool's Python process
 (VmHWM) and of the whole process tree (sampled), throughput, and the ratios, as medians with min
 and max. Nothing here is asserted: numbers are for people.
@@ -132,6 +133,14 @@ class Sampler(threading.Thread):
                     self.root_hwm = max(self.root_hwm, int(status["VmHWM"].split()[0]) * 1024)
             self.tree_peak = max(self.tree_peak, total)
             self.done.wait(self.interval)
+
+
+def settle() -> None:
+    """Start every timed run from the same state: the previous run's dirty pages written out
+    (a CHECKPOINT and a sync), so no run pays for the writeback of the one before it."""
+    # CHECKPOINT needs superuser or pg_checkpoint; without it only the sync is done
+    subprocess.run(["psql", "-X", "-q", *PG, "-d", "postgres", "-c", "CHECKPOINT"], capture_output=True)
+    os.sync()
 
 
 def measure(argv: list[str], env: dict | None = None, cwd: Path | None = None, python_root: bool = False) -> dict:
@@ -257,6 +266,7 @@ def run(args, size: int, work: Path) -> dict:
     order = list(variants)
     for i in range(args.runs):
         for name in order[i % 3 :] + order[: i % 3]:  # rotate the order each run
+            settle()
             samples[name].append(variants[name]())
             print(f"  run {i + 1} {name}: {samples[name][-1]['wall']:.2f}s", flush=True)
             if name == "b_tool" and i < args.runs - 1:
@@ -289,10 +299,12 @@ def restore_bench(args, env, tool, cfg, old_file: Path, tool_file: Path, size: i
         for name in ["a_old", "b_tool"] if i % 2 == 0 else ["b_tool", "a_old"]:
             target = f"{DB}_r{name[0]}{i}"
             psql(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE);')
+            settle()
             if name == "a_old":
-                psql(f'CREATE DATABASE "{target}";')
-                argv = ["bash", "-c", f'gunzip -c "{old_file}" | psql -X -q -o /dev/null {" ".join(PG)} -d {target}']
-                samples[name].append(measure(argv, env=env))
+                # The old restore needs its database created too (the tool's time includes it).
+                create = f"psql -X -q {' '.join(PG)} -d postgres -c 'CREATE DATABASE \"{target}\"'"
+                load = f'gunzip -c "{old_file}" | psql -X -q -o /dev/null {" ".join(PG)} -d {target}'
+                samples[name].append(measure(["bash", "-c", f"{create} && {load}"], env=env))
             else:
                 argv = [
                     *tool,
