@@ -7,6 +7,7 @@ a short tail. Stage stderr goes to unnamed temp files, so no pipe can fill up an
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import signal
@@ -227,6 +228,10 @@ def run_pipeline(
             source_file.close()
             source_file = None
         last = procs[-1][1].stdout
+        try:  # a roomy last pipe: fewer, bigger reads at the sink
+            fcntl.fcntl(last.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            pass
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         fd = last.fileno()
@@ -253,11 +258,12 @@ def run_pipeline(
             results.append(StageResult(stage.name, proc.returncode, tail_text(err.read()[-8192:])))
             err.close()
         sink.close()
+    final = getattr(sink, "inner", sink)  # through a TapSink
     result = PipelineResult(
         stages=results,
         size=sink.size,
-        tail=sink.result() if isinstance(sink, TailSink) else b"",
-        sha256=sink.hash.hexdigest() if hasattr(sink, "hash") else "",
+        tail=final.result() if isinstance(final, TailSink) else b"",
+        sha256=final.hash.hexdigest() if hasattr(final, "hash") else "",
         seconds=time.monotonic() - started,
         ok_codes={s.name: s.ok_codes for s in stages},
     )
@@ -335,6 +341,29 @@ class Tap:
         finally:
             self._close("_read_fd")  # never leave tee blocked on a pipe nobody reads
 
+    # -- in-process use: the pipeline's sink copies the stream into the branch (no tee process) --
+    def start_in_process(self) -> None:
+        """Start the branch now; the bytes come from ``write`` (see TapSink)."""
+        try:  # a roomy pipe: the writer seldom waits for the branch
+            fcntl.fcntl(self._write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        except (OSError, AttributeError):
+            pass
+        self._thread = threading.Thread(target=self._run, name="tap", daemon=True)
+        self._thread.start()
+
+    def write(self, data: memoryview) -> None:
+        """Copy ``data`` into the branch; once the branch stopped reading, nothing (its exit status
+        tells why)."""
+        with self._lock:
+            fd = self._write_fd
+        if fd is None:
+            return
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError:
+            self._close("_write_fd")
+
     def finish(self) -> PipelineResult | None:
         """Wait for the branch; close what is left. Returns its result (None if tee never started)."""
         self._close("_write_fd")
@@ -346,6 +375,25 @@ class Tap:
         return self._result
 
 
+class TapSink(Sink):
+    """A sink that also copies everything into ``tap``'s branch (instead of a ``tee`` process:
+    one copy less through the kernel, and the sink reads bigger chunks)."""
+
+    def __init__(self, inner: Sink, tap: Tap) -> None:
+        super().__init__()
+        self.inner = inner
+        self.tap = tap
+
+    def write(self, data: memoryview) -> None:
+        super().write(data)
+        self.tap.write(data)
+        self.inner.write(data)
+
+    def close(self) -> None:
+        self.tap._close("_write_fd")  # EOF for the branch
+        self.inner.close()
+
+
 def run_tapped(
     stages: Sequence[Stage],
     at: int,
@@ -354,10 +402,16 @@ def run_tapped(
     progress: Callable[[int], None] | None = None,
     source: Path | None = None,
 ) -> tuple[PipelineResult, PipelineResult]:
-    """Run ``stages`` into ``sink`` with ``tap.stage`` inserted before index ``at``. Returns
+    """Run ``stages`` into ``sink`` with ``tap.stage`` inserted before index ``at`` (with ``at``
+    past the last stage, the sink itself copies the stream into the branch: TapSink). Returns
     (the main result with the branch's stages merged in, the branch result). Never raises for
     exit statuses."""
-    full = [*stages[:at], tap.stage, *stages[at:]]
+    if at >= len(stages):
+        full = list(stages)
+        tap.start_in_process()
+        sink = TapSink(sink, tap)
+    else:
+        full = [*stages[:at], tap.stage, *stages[at:]]
     try:
         main = run_pipeline(full, sink, source=source, progress=progress)
     except BaseException:

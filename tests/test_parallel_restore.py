@@ -88,6 +88,29 @@ def test_restored_database_is_exactly_the_dumped_one(workspace, scratch_db, jobs
     assert psql("SELECT count(*) FROM pg_stats WHERE tablename = 'child_lower_note';", target) == "1"
 
 
+@pytest.mark.parametrize("jobs", [2, 1])
+def test_a_big_table_is_loaded_by_two_sessions_row_for_row(workspace, scratch_db, jobs):
+    """A table past SPLIT_AFTER bytes is shared by two COPY sessions in pieces of whole rows:
+    rows holding escaped tabs, newlines and backslashes, a row as long as a piece, all intact."""
+    scratch_db.sql(
+        r"""
+        CREATE TABLE big (id int PRIMARY KEY, body text, blob bytea);
+        INSERT INTO big SELECT g, E'row	' || g || E'
+line two \ ' || repeat('가', g % 50), decode(md5(g::text), 'hex')
+          FROM generate_series(1, 90000) g;
+        INSERT INTO big VALUES (0, repeat('x', 300000), NULL);
+        CREATE TABLE after_big (id int REFERENCES big(id));
+        INSERT INTO after_big SELECT g FROM generate_series(1, 1000) g;
+        """
+    )
+    target = f"{scratch_db.name}_copy"
+    result = backup_and_restore(workspace, scratch_db, target, restore_jobs=jobs)
+    assert result.returncode == 0, result.stderr
+    assert ("loaded by two sessions at once" in result.stderr) is (jobs > 1), result.stderr
+    assert scratch_db.checksums(target) == scratch_db.checksums()
+    assert schema_of(target) == schema_of(scratch_db.name)
+
+
 def test_a_failing_parallel_index_build_leaves_the_target_untouched(workspace, scratch_db):
     """An index whose build fails only at restore time (its function sees pg_dump's empty
     search_path): the failure comes from a parallel session, the scratch database is dropped,
@@ -110,6 +133,30 @@ def test_a_failing_parallel_index_build_leaves_the_target_untouched(workspace, s
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "psql (load, parallel) failed" in result.stderr and "picky index refuses row" in result.stderr
+    assert scratch_db.checksums() == before
+    assert databases_like(scratch_db.name) == [scratch_db.name]
+
+
+def test_a_row_failing_in_a_shared_copy_leaves_the_target_untouched(workspace, scratch_db):
+    """Rows near the end of a big table fail a CHECK at restore time (its function sees pg_dump's
+    empty search_path) in whichever COPY session got them: both stop, nothing is left behind."""
+    scratch_db.sql(
+        r"""
+        CREATE FUNCTION late_check(int) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $$
+        BEGIN
+          IF current_setting('search_path') = '' AND $1 > 85000 THEN RAISE EXCEPTION 'late row % refused', $1; END IF;
+          RETURN true;
+        END $$;
+        CREATE TABLE big (id int CHECK (public.late_check(id)), body text);
+        INSERT INTO big SELECT g, repeat('b', 100) FROM generate_series(1, 90000) g;
+        """
+    )
+    backup_and_restore(workspace, scratch_db, scratch_db.name + "_unused")  # makes the backup
+    before = scratch_db.checksums()
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "late row" in result.stderr and "refused" in result.stderr, result.stderr
     assert scratch_db.checksums() == before
     assert databases_like(scratch_db.name) == [scratch_db.name]
 

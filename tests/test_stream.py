@@ -75,6 +75,7 @@ def test_missing_binary_is_an_input_error_naming_the_package(monkeypatch, tmp_pa
 
 
 def test_tap_branch_sees_exactly_the_bytes_written_in_the_same_pass(tmp_path):
+    """At the end of the pipeline the sink itself copies the stream into the branch (no tee)."""
     from lib.stream import Tap, run_tapped
 
     out = tmp_path / "out.gz"
@@ -85,7 +86,22 @@ def test_tap_branch_sees_exactly_the_bytes_written_in_the_same_pass(tmp_path):
     result.raise_for_status()
     plain = subprocess.run(["gzip", "-dc", str(out)], capture_output=True, check=True).stdout
     assert branch.tail.split()[0].decode() == hashlib.sha256(plain).hexdigest()
-    assert [s.name for s in result.stages] == ["make", "gzip", "tee", "gzip -d (check)", "sha (check)"]
+    assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert [s.name for s in result.stages] == ["make", "gzip", "gzip -d (check)", "sha (check)"]
+
+
+def test_tap_in_the_middle_is_a_tee_process(tmp_path):
+    from lib.stream import Tap, run_tapped
+
+    out = tmp_path / "out.gz"
+    tap = Tap([Stage("sha", ["sha256sum"])], name="tee", suffix=" (check)")
+    result, branch = run_tapped(
+        [sh("make", "seq 1 300000"), Stage("gzip", ["gzip", "-1", "-c"])], 1, tap, FileSink(out)
+    )
+    result.raise_for_status()
+    plain = subprocess.run(["gzip", "-dc", str(out)], capture_output=True, check=True).stdout
+    assert branch.tail.split()[0].decode() == hashlib.sha256(plain).hexdigest()
+    assert [s.name for s in result.stages] == ["make", "tee", "gzip", "sha (check)"]
 
 
 def test_a_failing_tap_branch_is_reported_as_the_cause(tmp_path):

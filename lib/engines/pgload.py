@@ -1,12 +1,13 @@
 """Following a plain-SQL load into PostgreSQL as it happens.
 
-Two line streams arrive in the same order: the verifier's line per COPY block of the dump
-(``T<tab>table<tab>rows``, printed when the block ends in the stream) and psql's command tag
-``COPY n`` (printed when the server has taken and committed the block's rows). When both are known
-for block k, table k's data is committed, so it is ANALYZEd in a second session while the load
-goes on with the next tables: the statistics cost no wall time on a machine with a core to spare.
-The tags are also the server's own count of the rows it loaded, compared with the dump's and the
-record's counts afterwards, so no count(*) pass over the restored tables is needed.
+Two streams report on the same COPY blocks, in dump order: the verifier's line per block
+(``T<tab>table<tab>rows``, printed when the block ends in the stream) and the loader
+(pgsplit.SqlRouter), which reports a block when the server has committed its rows (psql's
+``COPY n`` command tags). When both are known for block k, table k's data is committed, so it is
+ANALYZEd in another session while the load goes on with the next tables: the statistics cost no
+wall time on a machine with a core to spare. The tags are also the server's own count of the rows
+it loaded, compared with the dump's and the record's counts afterwards, so no count(*) pass over
+the restored tables is needed.
 """
 
 from __future__ import annotations
@@ -21,27 +22,27 @@ from collections.abc import Callable
 # lower-case identifier or a double-quoted one. Anything else is not put into SQL here (the
 # table is then ANALYZEd after the load, by its name read from the database).
 QUALIFIED_NAME = re.compile(rb'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")(?:\.(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+"))?')
-COPY_TAG = re.compile(rb"COPY (\d+)")
 
 
 class LoadWatch:
-    """Collects both line streams (``on_verify_line`` from the verifier's thread, ``on_psql_line``
-    from the load's) and feeds ``ANALYZE table;`` to a session from ``start_analyzer`` (a psql
-    reading statements on stdin), started when the first table is ready. ``finish()`` closes it
-    and says whether every statement ran."""
+    """Collects the verifier's per-block lines (``on_verify_line``, from its thread) and the rows
+    the server loaded per block (``on_loaded``, from the load's), and feeds ``ANALYZE table;`` to
+    a session from ``start_analyzer`` (a psql reading statements on stdin), started when the
+    first table is ready. ``finish()`` closes it and says whether every statement ran."""
 
     def __init__(self, start_analyzer: Callable[[], subprocess.Popen]) -> None:
         self._start_analyzer = start_analyzer
         self._lock = threading.Lock()
         self.blocks: list[tuple[str, int]] = []  # (table as written in the dump, rows in the stream)
-        self.tags: list[int] = []  # rows the server reported per COPY, in order
-        self.analyzed: list[str] = []
+        self.loaded: dict[int, int] = {}  # block index -> rows the server reported
+        self.analyzed: list[str] = []  # tables sent to the ANALYZE session
+        self._queued: set[str] = set()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._proc: subprocess.Popen | None = None
         self._failed = False
 
-    # -- the two line streams ------------------------------------------------------------------
+    # -- the two streams -----------------------------------------------------------------------
     def on_verify_line(self, line: bytes) -> None:
         if not line.startswith(b"T\t"):
             return
@@ -50,31 +51,27 @@ class LoadWatch:
             return
         with self._lock:
             self.blocks.append((table.decode("utf-8", "replace"), int(rows)))
-            self._pump()
+            if len(self.blocks) - 1 in self.loaded:
+                self._ready(len(self.blocks) - 1)
 
-    def on_psql_line(self, line: bytes) -> None:
-        match = COPY_TAG.fullmatch(line.rstrip(b"\r"))
-        if match is None:
-            return
+    def on_loaded(self, block: int, rows: int) -> None:
+        """The server committed block ``block`` (0-based, in dump order): ``rows`` rows."""
         with self._lock:
-            self.tags.append(int(match.group(1)))
-            self._pump()
+            self.loaded[block] = rows
+            if block < len(self.blocks):
+                self._ready(block)
 
-    def _pump(self) -> None:
-        """Queue ANALYZE for every block both streams have reported (called under the lock)."""
-        ready = min(len(self.blocks), len(self.tags))
-        while len(self.analyzed) < ready:
-            table = self.blocks[len(self.analyzed)][0]
-            self.analyzed.append(table)
-            if (
-                not __import__("os").environ.get("NOAN")
-                and QUALIFIED_NAME.fullmatch(table.encode())
-                and self.analyzed.count(table) == 1
-            ):
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._feed, name="analyze", daemon=True)
-                    self._thread.start()
-                self._queue.put(table)
+    def _ready(self, block: int) -> None:
+        """Both streams reported ``block``: queue its table for ANALYZE (called under the lock)."""
+        table = self.blocks[block][0]
+        if table in self._queued or not QUALIFIED_NAME.fullmatch(table.encode()):
+            return
+        self._queued.add(table)
+        self.analyzed.append(table)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._feed, name="analyze", daemon=True)
+            self._thread.start()
+        self._queue.put(table)
 
     def _feed(self) -> None:
         try:
@@ -106,20 +103,22 @@ class LoadWatch:
         return proc.wait() == 0 and not self._failed
 
     def rows_by_table(self) -> dict[str, int]:
-        """Rows the server loaded per table (as the dump names it), from the COPY tags."""
+        """Rows the server loaded per table (as the dump names it)."""
         loaded: dict[str, int] = {}
-        for (table, _), rows in zip(self.blocks, self.tags, strict=False):
-            loaded[table] = loaded.get(table, 0) + rows
+        for block, rows in self.loaded.items():
+            if block < len(self.blocks):
+                table = self.blocks[block][0]
+                loaded[table] = loaded.get(table, 0) + rows
         return loaded
 
     def mismatches(self) -> list[str]:
         """Blocks whose loaded row count differs from the rows the dump holds, or a different
-        number of COPY results than data blocks."""
+        number of blocks loaded than the dump holds."""
         problems = [
-            f"{table}: {rows} rows loaded, {counted} in the file"
-            for (table, counted), rows in zip(self.blocks, self.tags, strict=False)
-            if rows != counted
+            f"{table}: {self.loaded[block]} rows loaded, {counted} in the file"
+            for block, (table, counted) in enumerate(self.blocks)
+            if block in self.loaded and self.loaded[block] != counted
         ]
-        if len(self.blocks) != len(self.tags):
-            problems.append(f"psql reported {len(self.tags)} COPY results for {len(self.blocks)} data blocks")
+        if len(self.loaded) != len(self.blocks) or any(b >= len(self.blocks) for b in self.loaded):
+            problems.append(f"the server loaded {len(self.loaded)} data blocks of {len(self.blocks)}")
         return problems

@@ -23,9 +23,11 @@ lines) and the current ``default_tablespace`` and ``default_table_access_method`
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
+import select
 import subprocess
 import tempfile
 import threading
@@ -42,6 +44,7 @@ _QNAME = rb"(?:" + _IDENT + rb"(?:\." + _IDENT + rb")?)"
 _MARK = re.compile(rb"^(?:COPY |-- (?:Data for )?Name: |SET |RESET |\\|SELECT pg_catalog\.set_config\()", re.M)
 _HEADER = re.compile(rb"-- (?:Data for )?Name: .*; Type: ([A-Z][A-Z ]*); Schema: ")
 _COPY_LINE = re.compile(rb"COPY .* FROM stdin;\n")
+COPY_TAG = re.compile(rb"COPY (\d+)\r?")
 _STATE_SET = re.compile(rb"SET (default_tablespace|default_table_access_method) = [^;\n]*;\n")
 _INDEX = re.compile(rb"CREATE (?:UNIQUE )?INDEX " + _IDENT + rb" ON (?:ONLY )?(" + _QNAME + rb") USING [^\n]*;")
 _CONSTRAINT = re.compile(
@@ -52,6 +55,11 @@ _FOREIGN_KEY = re.compile(
     rb"\([^\n]*\) REFERENCES (" + _QNAME + rb")\([^\n]*;"
 )
 HOLD_LIMIT = 1 << 20  # a held-back entry larger than this is not one of ours
+PIPE_SIZE = 1 << 20
+# A table's COPY data is shared with a second session once this much of it went to the first: by
+# then the first session is inside its COPY, so the CREATE TABLE before it has committed.
+SPLIT_AFTER = 4 << 20
+PIECE = 256 << 10  # COPY data is handed out in pieces of whole lines of about this size
 TERMINATOR = b"\n\\.\n"
 
 
@@ -112,6 +120,11 @@ class Session:
         self.proc = subprocess.Popen(
             list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=env, close_fds=True
         )
+        try:  # room for a megabyte in the pipe: a session has work queued while another is fed
+            fcntl.fcntl(self.proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+        os.set_blocking(self.proc.stdin.fileno(), False)  # send() waits with select; see _spread
         self.lines: list[bytes] = []
         self.primed = False  # the dump's preamble was sent
         self._cond = threading.Condition()
@@ -139,8 +152,11 @@ class Session:
         fd = self.proc.stdin.fileno()
         try:
             while view:
-                view = view[os.write(fd, view) :]
-        except (BrokenPipeError, OSError):
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    select.select([], [fd], [])
+        except OSError:
             return False
         return True
 
@@ -180,7 +196,8 @@ class Router:
     psql: Callable[[list[str]], list[str]]
     env: dict
     jobs: int = 2
-    on_copy_tag: Callable[[bytes], None] | None = None
+    #: called with (block index, rows) once the server committed a COPY block (psql's tags)
+    on_loaded: Callable[[int, int], None] = lambda block, rows: None
     #: rows loaded so far per table (as the dump names it): the longest work goes first
     rows: Callable[[], dict[str, int]] = dict
 
@@ -211,6 +228,20 @@ class SqlRouter(Sink):
         self.entries = 0
         self.token = secrets.token_hex(8).encode()
         self.parallel_items = 0
+        # COPY blocks: index, the COPY line, bytes so far; a block shared with ``helper``
+        self.block = -1
+        self.copy_line = b""
+        self.block_bytes = 0
+        self.split = False
+        self.helper: Session | None = None
+        self.line_carry = b""
+        self.split_blocks: list[int] = []
+        self.shared_bytes = 0
+        # psql's COPY tags: the serial sessions' in block order, the helper's in split order
+        self._tags = threading.Condition()
+        self.serial_tags = 0
+        self.helper_tags = 0
+        self.parts: dict[int, list[int]] = {}
 
     # -- the stream ----------------------------------------------------------------------------
     def write(self, data: memoryview) -> None:
@@ -242,12 +273,140 @@ class SqlRouter(Sink):
             found = buf.find(TERMINATOR, pos)
             end = found + len(TERMINATOR) if found >= 0 else -1
         if end < 0:
-            self._to_serial(memoryview(buf)[pos:])
+            self._copy_data(memoryview(buf)[pos:], last=False)
             self.carry = (self.carry + buf[pos:])[-3:]
             return len(buf)
-        self._to_serial(memoryview(buf)[pos:end])
+        self._copy_data(memoryview(buf)[pos:end], last=True)
         self.copying = False
         return end
+
+    def _copy_data(self, data: memoryview, last: bool) -> None:
+        """COPY rows (with the end-of-data line when ``last``): to the serial session, or, once a
+        block is big, spread over it and the helper session in pieces of whole lines."""
+        if not self.split:
+            big = self.block_bytes + len(data) > SPLIT_AFTER
+            whole_lines = bytes(data[:PIECE]).find(b"\n") >= 0  # else: a line longer than a piece
+            if self.in_order_only or last or not big or not whole_lines or self.failure is not None:
+                self.block_bytes += len(data)
+                self._to_serial(data)
+                return
+            self._start_split()
+            if self.failure is not None:
+                return
+            newline = bytes(data[:PIECE]).find(b"\n")
+            # completes the line the serial session is in the middle of
+            self._to_serial(data[: newline + 1])
+            data = data[newline + 1 :]
+        text = self.line_carry + bytes(data)
+        if last:
+            if not text.endswith(b"\\.\n"):  # cannot be: the terminator was found
+                raise AssertionError("COPY data does not end with its end-of-data line")
+            text = text[:-3]
+        cut = text.rfind(b"\n") + 1
+        self.line_carry = text[cut:]
+        self.shared_bytes += cut
+        self._spread(text, cut)
+        if last and self.failure is None:
+            self._end_split()
+
+    def _start_split(self) -> None:
+        if self.helper is None:
+            self.helper = self._start(self._helper_line, quiet=False)
+            self.helper.send(bytes(self.preamble) + b"".join(self.state.values()))
+        with self._tags:
+            self.split_blocks.append(self.block)
+            self.split = True
+        if not self.helper.send(self.copy_line):
+            self._helper_failed()
+
+    def _spread(self, text: bytes, cut: int) -> None:
+        """Write text[:cut] (whole lines) to the serial and helper sessions, each piece of whole
+        lines to whichever pipe has room: the faster session gets more."""
+        pieces: list[memoryview] = []
+        view = memoryview(text)
+        start = 0
+        while start < cut:
+            stop = min(start + PIECE, cut)
+            if stop < cut:
+                newline = text.rfind(b"\n", start, stop)
+                stop = newline + 1 if newline >= start else text.find(b"\n", stop) + 1
+            pieces.append(view[start:stop])
+            start = stop
+        sessions = [self.serial, self.helper]
+        if any(session is None for session in sessions):
+            return
+        fds = [session.proc.stdin.fileno() for session in sessions]  # non-blocking (Session)
+        pending: dict[int, memoryview | None] = dict.fromkeys(fds)
+        index = 0
+        while index < len(pieces) or any(pending.values()):
+            wanted = [fd for fd in fds if pending[fd] is not None or index < len(pieces)]
+            _, ready, _ = select.select([], wanted, [])
+            for fd in ready:
+                if pending[fd] is None:
+                    if index >= len(pieces):
+                        continue
+                    pending[fd] = pieces[index]
+                    index += 1
+                try:
+                    written = os.write(fd, pending[fd])
+                except BlockingIOError:
+                    written = 0
+                except OSError:  # the session is gone; its exit status says why
+                    if fd == fds[0]:
+                        self._close_serial()
+                    else:
+                        self._helper_failed()
+                    return
+                rest = pending[fd][written:]
+                pending[fd] = rest if len(rest) else None
+
+    def _end_split(self) -> None:
+        """The block's data is all out: end both COPYs and wait until the helper's committed, so
+        nothing later in the dump runs before its rows are there."""
+        self._to_serial(b"\\.\n")
+        if self.helper is None or not self.helper.send(b"\\.\n"):
+            self._helper_failed()
+            return
+        self.split = False
+        with self._tags:
+            while self.helper_tags < len(self.split_blocks):
+                if self.helper.proc.poll() is not None:
+                    break
+                self._tags.wait(0.05)
+            done = self.helper_tags >= len(self.split_blocks)
+        if not done:
+            self._helper_failed()
+
+    def _helper_failed(self) -> None:
+        helper, self.helper = self.helper, None
+        if helper is None:
+            return
+        code, text = helper.close()
+        if self.failure is None:
+            self.failure = StageFailed("psql (load, second COPY session)", f"exit status {code}", text)
+
+    # -- COPY results ------------------------------------------------------------------------
+    def _serial_line(self, line: bytes) -> None:
+        if match := COPY_TAG.fullmatch(line):
+            with self._tags:
+                block = self.serial_tags
+                self.serial_tags += 1
+                self._part(block, int(match.group(1)))
+
+    def _helper_line(self, line: bytes) -> None:
+        if match := COPY_TAG.fullmatch(line):
+            with self._tags:
+                block = self.split_blocks[self.helper_tags]
+                self.helper_tags += 1
+                self._part(block, int(match.group(1)))
+                self._tags.notify_all()
+
+    def _part(self, block: int, rows: int) -> None:
+        """Rows of one session's COPY of ``block`` (under the tags lock); reported when complete."""
+        parts = self.parts.setdefault(block, [])
+        parts.append(rows)
+        if len(parts) == (2 if block in self.split_blocks else 1):
+            self.r.on_loaded(block, sum(parts))
 
     def _sql(self, buf: bytes, start: int, end: int) -> int:
         cur = start
@@ -270,6 +429,8 @@ class SqlRouter(Sink):
             if self.holding is not None:
                 self._release_held()
             self._to_serial(line)
+            self.block += 1
+            self.copy_line, self.block_bytes, self.split = line, 0, False
             self.copying, self.carry = True, b"\n"
             return True
         if line.startswith(b"-- "):
@@ -348,7 +509,7 @@ class SqlRouter(Sink):
         if not data or self.failure is not None:
             return
         if self.serial is None:
-            self.serial = self._start(self.r.on_copy_tag, quiet=False)
+            self.serial = self._start(self._serial_line, quiet=False)
             if self.sessions_started > 1:  # a later session: replay the preamble and state
                 self.serial.send(bytes(self.preamble) + b"".join(self.state.values()))
         if not self.serial.send(data):
@@ -444,3 +605,7 @@ class SqlRouter(Sink):
             if self.batch:
                 self._run_batch()
         self._close_serial()
+        if self.helper is not None:
+            code, text = self.helper.close()
+            if code != 0 and self.failure is None:
+                self.failure = StageFailed("psql (load, second COPY session)", f"exit status {code}", text)

@@ -315,7 +315,7 @@ class Postgres(Engine):
                     psql=lambda flags: place.argv(["psql", "-X", *flags, "-v", "ON_ERROR_STOP=1", *conn]),
                     env=place.env(),
                     jobs=int(db.options.get("restore_jobs", 2)),
-                    on_copy_tag=watch.on_psql_line,
+                    on_loaded=watch.on_loaded,
                     rows=watch.rows_by_table,
                 )
             )
@@ -334,8 +334,14 @@ class Postgres(Engine):
             if not analyzed:
                 log.info("%s: the ANALYZE session during the load failed; analyzing after the load", db.name)
                 watch.analyzed.clear()
+            if router.split_blocks:
+                log.info("%s: %d large table(s) loaded by two sessions at once", db.name, len(router.split_blocks))
             if router.parallel_items:
-                log.info("%s: %d index builds and foreign-key checks ran in parallel", db.name, router.parallel_items)
+                log.info(
+                    "%s: %d index builds and foreign-key checks ran in parallel sessions",
+                    db.name,
+                    router.parallel_items,
+                )
             # The router reads the whole stream even after a failed load, so the file is always
             # judged in full: a damaged file explains a failed load best.
             request.gate(result, branch, True)
