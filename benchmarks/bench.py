@@ -289,22 +289,29 @@ def run(args, size: int, work: Path) -> dict:
         "backup": {k: summarize(v, size) for k, v in samples.items()},
     }
     if not args.no_restore:
-        results["restore"] = restore_bench(args, env, tool, cfg, old_file, stored[-1], size)
+        results["restore"] = restore_bench(args, env, tool, cfg, old_file, stored[-1], size, passfile)
     return results
 
 
-def restore_bench(args, env, tool, cfg, old_file: Path, tool_file: Path, size: int) -> dict:
-    samples: dict[str, list] = {"a_old": [], "b_tool": []}
+def restore_bench(args, env, tool, cfg, old_file: Path, tool_file: Path, size: int, passfile: Path) -> dict:
+    # a_old: the issue's baseline, the old scripts' local plain .gz. a_old_gpg: the same from the
+    # old scripts' encrypted copy (the only one off-site), the work the tool's restore does too.
+    names = ["a_old", "b_tool"] + ([] if args.no_encrypt else ["a_old_gpg"])
+    samples: dict[str, list] = {name: [] for name in names}
     for i in range(args.runs):
-        for name in ["a_old", "b_tool"] if i % 2 == 0 else ["b_tool", "a_old"]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order each run
             target = f"{DB}_r{name[0]}{i}"
             psql(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE);')
             settle()
-            if name == "a_old":
+            if name.startswith("a_old"):
                 # The old restore needs its database created too (the tool's time includes it).
                 create = f"psql -X -q {' '.join(PG)} -d postgres -c 'CREATE DATABASE \"{target}\"'"
-                load = f'gunzip -c "{old_file}" | psql -X -q -o /dev/null {" ".join(PG)} -d {target}'
-                samples[name].append(measure(["bash", "-c", f"{create} && {load}"], env=env))
+                source = f'gunzip -c "{old_file}"'
+                if name == "a_old_gpg":
+                    gpg = f'gpg --batch --quiet --pinentry-mode loopback --passphrase-file "{passfile}" -d "{old_file}.gpg"'
+                    source = f"{gpg} | gunzip -c"
+                load = f"{source} | psql -X -q -o /dev/null {' '.join(PG)} -d {target}"
+                samples[name].append(measure(["bash", "-c", f"set -o pipefail; {create} && {load}"], env=env))
             else:
                 argv = [
                     *tool,
@@ -335,11 +342,11 @@ def report(results: dict) -> None:
         if section not in results:
             continue
         print(f"\n{section}: median (min-max)")
-        print(f"  {'variant':<9} {'wall':<24} {'cpu':<24} {'python peak RSS':<22} {'tree peak RSS':<22} MB/s")
+        print(f"  {'variant':<10} {'wall':<24} {'cpu':<24} {'python peak RSS':<22} {'tree peak RSS':<22} MB/s")
         for name, r in results[section].items():
             py = fmt_range(r["python_peak_rss"], 2**20, " MB", 0) if "python_peak_rss" in r else "-"
             print(
-                f"  {name:<9} {fmt_range(r['wall']):<24} {fmt_range(r['cpu']):<24} {py:<22} {fmt_range(r['tree_peak_rss'], 2**20, ' MB', 0):<22} {r['throughput_mb_s']:.0f}"
+                f"  {name:<10} {fmt_range(r['wall']):<24} {fmt_range(r['cpu']):<24} {py:<22} {fmt_range(r['tree_peak_rss'], 2**20, ' MB', 0):<22} {r['throughput_mb_s']:.0f}"
             )
     b = results["backup"]
     ratios = {
@@ -349,6 +356,10 @@ def report(results: dict) -> None:
     if "restore" in results:
         r = results["restore"]
         ratios["restore tool/old (target <= 1.0)"] = r["b_tool"]["wall"]["median"] / r["a_old"]["wall"]["median"]
+        if "a_old_gpg" in r:
+            ratios["restore tool/old from its encrypted copy"] = (
+                r["b_tool"]["wall"]["median"] / r["a_old_gpg"]["wall"]["median"]
+            )
     results["ratios"] = ratios
     print("\nratios (wall-time medians):")
     for name, value in ratios.items():

@@ -35,7 +35,10 @@ def decompressor(kind: str) -> Stage:
     """Stage decompressing stdin to stdout; a corrupt or truncated stream makes it exit non-zero."""
     if kind == "gzip":
         binary = _gzip_binary()
-        return Stage(f"{binary} -d", [binary, "-d", "-c"])
+        # gzip decompression is serial; pigz's helper threads only add CPU (measured: -p 1 takes
+        # 0.48 s of CPU for 73 MB where the default takes 0.74 s and gzip 1.08 s, and is as fast)
+        extra = ["-p", "1"] if binary == "pigz" else []
+        return Stage(f"{binary} -d", [binary, "-d", *extra, "-c"])
     if kind == "zstd":
         return Stage("zstd -d", ["zstd", "-d", "-q", "-c"])
     raise ConfigError(f"unknown compression '{kind}'; use gzip or zstd")

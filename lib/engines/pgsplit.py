@@ -74,7 +74,19 @@ class Item:
     state: bytes = b""
     validate: bytes | None = None
     order: int = 0
-    cost: int = 0
+    referenced: frozenset[bytes] = frozenset()  # a foreign key's referenced table
+
+
+@dataclass
+class Task:
+    """A statement for a parallel session: runs after the tasks ``after`` (indices), never while
+    another task on one of ``tables`` runs."""
+
+    sql: bytes
+    tables: frozenset[bytes]
+    after: frozenset[int]
+    cost: int
+    order: int
 
 
 def classify(header_type: str, body: bytes, order: int, state: bytes) -> Item | None:
@@ -98,16 +110,17 @@ def classify(header_type: str, body: bytes, order: int, state: bytes) -> Item | 
         return None  # a literal spanning lines: not a shape to cut out of the stream
     prefix = b"".join(sets)
     if header_type == "INDEX" and (m := _INDEX.fullmatch(text)):
-        return Item("build", prefix + text + b"\n", frozenset([m.group(1)]), state, order=order)
+        return Item("build", state + prefix + text + b"\n", frozenset([m.group(1)]), state, order=order)
     if header_type == "CONSTRAINT" and (m := _CONSTRAINT.fullmatch(text)):
-        return Item("build", prefix + text + b"\n", frozenset([m.group(2)]), state, order=order)
+        return Item("build", state + prefix + text + b"\n", frozenset([m.group(2)]), state, order=order)
     if header_type == "FK CONSTRAINT" and (m := _FOREIGN_KEY.fullmatch(text)):
         table, name, referenced = m.group(2), m.group(3), m.group(4)
+        refs = frozenset([referenced])
         if m.group(1) and b" NOT VALID" not in text:  # ONLY: a plain table, where NOT VALID is allowed
-            add = prefix + text[:-1] + b" NOT VALID;\n"
-            check = b"ALTER TABLE " + table + b" VALIDATE CONSTRAINT " + name + b";\n"
-            return Item("fk", add, frozenset([table]), state, validate=check, order=order)
-        return Item("fk", prefix + text + b"\n", frozenset([table, referenced]), state, order=order)
+            add = state + prefix + text[:-1] + b" NOT VALID;\n"
+            check = state + b"ALTER TABLE " + table + b" VALIDATE CONSTRAINT " + name + b";\n"
+            return Item("fk", add, frozenset([table]), state, validate=check, order=order, referenced=refs)
+        return Item("fk", state + prefix + text + b"\n", frozenset([table]), state, order=order, referenced=refs)
     return None
 
 
@@ -524,25 +537,33 @@ class SqlRouter(Sink):
             self.failure = StageFailed(self.name, f"exit status {code}", text)
 
     def _run_batch(self) -> None:
-        """Run the held items: builds in parallel, then foreign keys (added, then validated in
-        parallel). The session that ran everything before them must have finished first."""
+        """Run the held items in ``jobs`` sessions. The session that ran everything before them
+        must have finished first. Order kept: a foreign key is added once every build on both
+        of its tables is done (its referenced key exists), and validated after it is added."""
         batch, self.batch = self.batch, []
         self._close_serial()
         if self.failure is not None:
             return
         self.parallel_items += len(batch)
         rows = self.r.rows()
-        for item in batch:
-            item.cost = max(rows.get(table.decode("utf-8", "replace"), 0) for table in item.tables)
+        tasks: list[Task] = []
+        builds: dict[bytes, list[int]] = {}
+        for item in sorted(batch, key=lambda item: item.kind != "build"):  # builds first: deps point back
+            cost = max(rows.get(table.decode("utf-8", "replace"), 0) for table in item.tables | item.referenced)
+            if item.kind == "build":
+                for table in item.tables:
+                    builds.setdefault(table, []).append(len(tasks))
+                tasks.append(Task(item.sql, item.tables, frozenset(), cost, item.order))
+                continue
+            both = item.tables | item.referenced
+            after = frozenset(i for table in both for i in builds.get(table, []))
+            tasks.append(Task(item.sql, both, after, cost, item.order))
+            if item.validate:
+                tasks.append(Task(item.validate, item.tables, frozenset([len(tasks) - 1]), cost, item.order))
         pool = [self._start(None, quiet=True) for _ in range(max(1, min(self.r.jobs, len(batch))))]
         ok = True
         try:
-            builds = [item for item in batch if item.kind == "build"]
-            keys = [item for item in batch if item.kind == "fk"]
-            checks = [item for item in keys if item.validate]
-            ok = self._parallel(pool, builds, lambda item: item.sql)
-            ok = ok and self._parallel(pool[:1], keys, lambda item: item.sql)
-            ok = ok and self._parallel(pool, checks, lambda item: item.validate or b"")
+            ok = self._schedule(pool, tasks)
         finally:
             for session in pool:
                 code, text = session.close()
@@ -551,12 +572,12 @@ class SqlRouter(Sink):
         if not ok and self.failure is None:
             self.failure = StageFailed("psql (load, parallel)", "a statement did not complete")
 
-    def _parallel(self, pool: list[Session], items: list[Item], sql_of: Callable[[Item], bytes]) -> bool:
-        """Run ``items`` in the sessions of ``pool``, largest first, never two on the same table
-        at once. False when one failed (the others stop taking new items)."""
-        if not items:
-            return True
-        todo = sorted(items, key=lambda item: (-item.cost, item.order))
+    def _schedule(self, pool: list[Session], tasks: list[Task]) -> bool:
+        """Run ``tasks`` in the sessions of ``pool``: each once its ``after`` tasks are done and
+        no running task shares a table with it, the largest first. False when one failed (the
+        others then take no new task)."""
+        waiting = sorted(range(len(tasks)), key=lambda i: (-tasks[i].cost, tasks[i].order))
+        done: set[int] = set()
         busy: set[bytes] = set()
         cond = threading.Condition()
         errors: list[int] = []
@@ -566,21 +587,24 @@ class SqlRouter(Sink):
             while True:
                 with cond:
                     while True:
-                        if errors or not todo:
+                        if errors or not waiting:
                             return
-                        pick = next((i for i in todo if not (i.tables & busy)), None)
+                        pick = next(
+                            (i for i in waiting if tasks[i].after <= done and not (tasks[i].tables & busy)), None
+                        )
                         if pick is not None:
-                            todo.remove(pick)
-                            busy.update(pick.tables)
+                            waiting.remove(pick)
+                            busy.update(tasks[pick].tables)
                             break
                         cond.wait()
                 count += 1
                 marker = b"pgsplit-" + self.token + b"-%d-%d" % (index, count)
-                sql = (b"" if session.primed else bytes(self.preamble)) + pick.state + sql_of(pick)
+                sql = (b"" if session.primed else bytes(self.preamble)) + tasks[pick].sql
                 session.primed = True
                 ok = session.run(sql, marker)
                 with cond:
-                    busy.difference_update(pick.tables)
+                    busy.difference_update(tasks[pick].tables)
+                    done.add(pick)
                     if not ok:
                         errors.append(index)
                     cond.notify_all()
