@@ -59,7 +59,7 @@ PIPE_SIZE = 1 << 20
 # A table's COPY data is shared with a second session once this much of it went to the first: by
 # then the first session is inside its COPY, so the CREATE TABLE before it has committed.
 SPLIT_AFTER = 4 << 20
-PIECE = 256 << 10  # COPY data is handed out in pieces of whole lines of about this size
+PIECE = 512 << 10  # COPY data is handed out in pieces of whole lines of about this size
 TERMINATOR = b"\n\\.\n"
 
 
@@ -286,41 +286,62 @@ class SqlRouter(Sink):
             found = buf.find(TERMINATOR, pos)
             end = found + len(TERMINATOR) if found >= 0 else -1
         if end < 0:
-            self._copy_data(memoryview(buf)[pos:], last=False)
+            self._copy_data(buf, pos, len(buf), last=False)
             self.carry = (self.carry + buf[pos:])[-3:]
             return len(buf)
-        self._copy_data(memoryview(buf)[pos:end], last=True)
+        self._copy_data(buf, pos, end, last=True)
         self.copying = False
         return end
 
-    def _copy_data(self, data: memoryview, last: bool) -> None:
-        """COPY rows (with the end-of-data line when ``last``): to the serial session, or, once a
-        block is big, spread over it and the helper session in pieces of whole lines."""
+    def _copy_data(self, buf: bytes, start: int, end: int, last: bool) -> None:
+        """COPY rows buf[start:end] (ending with the end-of-data line when ``last``): to the serial
+        session, or, once a block is big, spread over it and the helper session in pieces of
+        whole lines (slices of ``buf``, not copies)."""
         if not self.split:
-            big = self.block_bytes + len(data) > SPLIT_AFTER
-            whole_lines = bytes(data[:PIECE]).find(b"\n") >= 0  # else: a line longer than a piece
-            if self.in_order_only or last or not big or not whole_lines or self.failure is not None:
-                self.block_bytes += len(data)
-                self._to_serial(data)
+            small = self.block_bytes + (end - start) <= SPLIT_AFTER
+            newline = -1 if small else buf.find(b"\n", start, min(end, start + PIECE))
+            # newline < 0: a line longer than a piece; such a block stays in one session
+            if self.in_order_only or last or newline < 0 or self.failure is not None:
+                self.block_bytes += end - start
+                self._to_serial(memoryview(buf)[start:end])
                 return
             self._start_split()
             if self.failure is not None:
                 return
-            newline = bytes(data[:PIECE]).find(b"\n")
-            # completes the line the serial session is in the middle of
-            self._to_serial(data[: newline + 1])
-            data = data[newline + 1 :]
-        text = self.line_carry + bytes(data)
-        if last:
+            self._to_serial(memoryview(buf)[start : newline + 1])  # the line it is in the middle of
+            start = newline + 1
+        if last:  # rare: copy, then leave out the end-of-data line
+            text = self.line_carry + buf[start:end]
             if not text.endswith(b"\\.\n"):  # cannot be: the terminator was found
                 raise AssertionError("COPY data does not end with its end-of-data line")
-            text = text[:-3]
-        cut = text.rfind(b"\n") + 1
-        self.line_carry = text[cut:]
-        self.shared_bytes += cut
-        self._spread(text, cut)
-        if last and self.failure is None:
-            self._end_split()
+            self.line_carry = b""
+            self._spread(self._pieces(text, 0, len(text) - 3))
+            if self.failure is None:
+                self._end_split()
+            return
+        first = buf.find(b"\n", start, end)
+        if first < 0:
+            self.line_carry += buf[start:end]
+            return
+        cut = buf.rfind(b"\n", start, end) + 1
+        pieces: list[bytes | memoryview] = [self.line_carry + buf[start : first + 1]]
+        pieces += self._pieces(buf, first + 1, cut)
+        self.line_carry = buf[cut:end]
+        self._spread(pieces)
+
+    def _pieces(self, buf: bytes, start: int, stop: int) -> list[memoryview]:
+        """buf[start:stop] (whole lines) cut into pieces of whole lines of about PIECE bytes."""
+        self.shared_bytes += stop - start
+        view = memoryview(buf)
+        pieces = []
+        while start < stop:
+            end = min(start + PIECE, stop)
+            if end < stop:
+                newline = buf.rfind(b"\n", start, end)
+                end = newline + 1 if newline >= start else buf.find(b"\n", end, stop) + 1
+            pieces.append(view[start:end])
+            start = end
+        return pieces
 
     def _start_split(self) -> None:
         if self.helper is None:
@@ -332,19 +353,9 @@ class SqlRouter(Sink):
         if not self.helper.send(self.copy_line):
             self._helper_failed()
 
-    def _spread(self, text: bytes, cut: int) -> None:
-        """Write text[:cut] (whole lines) to the serial and helper sessions, each piece of whole
-        lines to whichever pipe has room: the faster session gets more."""
-        pieces: list[memoryview] = []
-        view = memoryview(text)
-        start = 0
-        while start < cut:
-            stop = min(start + PIECE, cut)
-            if stop < cut:
-                newline = text.rfind(b"\n", start, stop)
-                stop = newline + 1 if newline >= start else text.find(b"\n", stop) + 1
-            pieces.append(view[start:stop])
-            start = stop
+    def _spread(self, pieces: list) -> None:
+        """Write ``pieces`` (whole lines each) to the serial and helper sessions, each to whichever
+        pipe has room: the faster session gets more."""
         sessions = [self.serial, self.helper]
         if any(session is None for session in sessions):
             return
