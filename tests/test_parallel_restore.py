@@ -184,3 +184,56 @@ def test_classify_takes_only_exact_shapes():
     # a dump's own NOT VALID foreign key is added as it is
     not_valid = fk.replace(b"(id);", b"(id) NOT VALID;")
     assert classify("FK CONSTRAINT", not_valid, 6, b"").validate is None
+
+
+# -- the router's own dump check, against the awk check backups use ------------------------------
+def awk_summary(data: bytes) -> bytes:
+    from lib.engines.postgres import INSPECT_AWK
+
+    return subprocess.run(
+        ["mawk", INSPECT_AWK], input=data, capture_output=True, check=True, env={"LC_ALL": "C"}
+    ).stdout
+
+
+def route(data: bytes, out, sizes=(1, 3, 7, 4096, 65536)):
+    """Feed ``data`` to a SqlRouter (one session: ``cat > out``) in chunks of varying sizes."""
+    from lib.engines.pgsplit import Router, SqlRouter
+
+    router = SqlRouter(Router(psql=lambda flags: ["sh", "-c", f"cat > '{out}'"], env=None, jobs=1))
+    pos, turn = 0, 0
+    while pos < len(data):
+        size = sizes[turn % len(sizes)]
+        router.write(memoryview(data[pos : pos + size]))
+        pos, turn = pos + size, turn + 1
+    router.close()
+    return router
+
+
+STREAM = (
+    b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc\n\n-- Dumped from database version 15.20 (x)\n"
+    b"SET client_encoding = 'UTF8';\n\n--\n-- Name: t; Type: TABLE; Schema: public; Owner: -\n--\n\n"
+    b"CREATE TABLE public.t (a int, b text);\n\n"
+    b"COPY public.t (a, b) FROM stdin;\n1\tone\\\\.\n2\t\\\\.\n3\tthree\n\\.\n\n"
+    b"COPY public.empty FROM stdin;\n\\.\n\n"
+    b'COPY "S"."a (b)" (x) FROM stdin;\n9\n\\.\n\n'
+    b"--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc\n\n"
+)
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        STREAM,
+        STREAM[: STREAM.index(b"3\tthree")],  # cut inside COPY data
+        STREAM.replace(b"-- PostgreSQL database dump complete\n", b""),  # no end marker
+        STREAM + b"DROP TABLE public.t;\n",  # something after the end marker
+        STREAM[:-1],  # no final newline
+    ],
+    ids=["whole", "cut-in-data", "no-end-marker", "after-end-marker", "no-final-newline"],
+)
+def test_router_checks_the_dump_as_the_awk_check_does_and_forwards_it_unchanged(tmp_path, stream):
+    out = tmp_path / "forwarded.sql"
+    for sizes in [(1, 3, 7, 4096, 65536), (1 << 20,), (2,)]:
+        router = route(stream, out, sizes)
+        assert router.summary() == awk_summary(stream), sizes
+        assert out.read_bytes() == stream

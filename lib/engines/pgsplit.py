@@ -41,7 +41,14 @@ from lib.stream import Sink
 _IDENT = rb'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
 _QNAME = rb"(?:" + _IDENT + rb"(?:\." + _IDENT + rb")?)"
 # The lines the router looks at; everything else passes through untouched.
-_MARK = re.compile(rb"^(?:COPY |-- (?:Data for )?Name: |SET |RESET |\\|SELECT pg_catalog\.set_config\()", re.M)
+_MARK = re.compile(
+    rb"^(?:COPY |-- (?:Data for )?Name: |-- PostgreSQL database dump complete$|-- Dumped from database version |"
+    rb"SET |RESET |\\|SELECT pg_catalog\.set_config\()",
+    re.M,
+)
+END_MARKER = b"-- PostgreSQL database dump complete\n"
+VERSION_LINE = b"-- Dumped from database version "
+_COPY_TABLE = re.compile(rb"COPY (.*?) \(.*\) FROM stdin;\n|COPY (.*) FROM stdin;\n")
 _HEADER = re.compile(rb"-- (?:Data for )?Name: .*; Type: ([A-Z][A-Z ]*); Schema: ")
 _COPY_LINE = re.compile(rb"COPY .* FROM stdin;\n")
 COPY_TAG = re.compile(rb"COPY (\d+)\r?")
@@ -209,6 +216,8 @@ class Router:
     psql: Callable[[list[str]], list[str]]
     env: dict
     jobs: int = 2
+    #: called with the dump check's line for a COPY block (b"T<tab>table<tab>rows") as it ends
+    on_block: Callable[[bytes], None] = lambda line: None
     #: called with (block index, rows) once the server committed a COPY block (psql's tags)
     on_loaded: Callable[[int, int], None] = lambda block, rows: None
     #: rows loaded so far per table (as the dump names it): the longest work goes first
@@ -255,16 +264,21 @@ class SqlRouter(Sink):
         self.serial_tags = 0
         self.helper_tags = 0
         self.parts: dict[int, list[int]] = {}
+        # the dump check, as INSPECT_AWK does it (lib/engines/postgres.py): see summary()
+        self.summary_lines: list[bytes] = []
+        self.table = b""
+        self.rows = 0
+        self.complete = False
 
     # -- the stream ----------------------------------------------------------------------------
     def write(self, data: memoryview) -> None:
         super().write(data)
-        if self.failure is not None:
-            return
+        # After a failure nothing is sent any more, but the stream is still read and checked to
+        # its end: the file's verdict (damaged or not) explains a failed load best.
         buf = self.pending + bytes(data)
         self.pending = b""
         pos = 0
-        while pos < len(buf) and self.failure is None:
+        while pos < len(buf):
             if self.copying:
                 pos = self._copy(buf, pos)
                 continue
@@ -286,9 +300,14 @@ class SqlRouter(Sink):
             found = buf.find(TERMINATOR, pos)
             end = found + len(TERMINATOR) if found >= 0 else -1
         if end < 0:
+            self.rows += buf.count(b"\n", pos)
             self._copy_data(buf, pos, len(buf), last=False)
             self.carry = (self.carry + buf[pos:])[-3:]
             return len(buf)
+        self.rows += buf.count(b"\n", pos, end) - 1  # not the end-of-data line
+        line = b"T\t" + self.table + b"\t" + str(self.rows).encode()
+        self.summary_lines.append(line)
+        self.r.on_block(line)
         self._copy_data(buf, pos, end, last=True)
         self.copying = False
         return end
@@ -387,6 +406,9 @@ class SqlRouter(Sink):
     def _end_split(self) -> None:
         """The block's data is all out: end both COPYs and wait until the helper's committed, so
         nothing later in the dump runs before its rows are there."""
+        if self.failure is not None:
+            self.split = False
+            return
         self._to_serial(b"\\.\n")
         if self.helper is None or not self.helper.send(b"\\.\n"):
             self._helper_failed()
@@ -442,8 +464,6 @@ class SqlRouter(Sink):
             cur = line_end
             if self._line(line):  # a COPY line: data follows
                 return line_end
-            if self.failure is not None:
-                return end
         self._route(buf[cur:end])
         return end
 
@@ -453,10 +473,21 @@ class SqlRouter(Sink):
             if self.holding is not None:
                 self._release_held()
             self._to_serial(line)
+            named = _COPY_TABLE.fullmatch(line)
+            self.table = (named.group(1) or named.group(2)) if named else line[5:-1]
+            self.rows, self.complete = 0, False
             self.block += 1
             self.copy_line, self.block_bytes, self.split = line, 0, False
             self.copying, self.carry = True, b"\n"
             return True
+        if line == END_MARKER:
+            self._route(line)
+            self.complete = True
+            return False
+        if self.complete and not line.startswith(b"\\unrestrict "):
+            self.complete = False
+        if line.startswith(VERSION_LINE):
+            self.summary_lines.append(b"V\t" + line[len(VERSION_LINE) : -1])
         if line.startswith(b"-- "):
             header = _HEADER.match(line)
             if header is None:
@@ -490,6 +521,10 @@ class SqlRouter(Sink):
     def _route(self, data: bytes) -> None:
         if not data:
             return
+        if self.complete:  # after the end marker only blank lines, '--' and \unrestrict may follow
+            lines = data.split(b"\n")
+            if any(x not in (b"", b"--") and not x.startswith(b"\\unrestrict ") for x in lines):
+                self.complete = False
         if self.holding is not None:
             self.holding += data
             if len(self.holding) > HOLD_LIMIT:
@@ -631,11 +666,18 @@ class SqlRouter(Sink):
         if self.failure is not None:
             raise self.failure
 
+    def summary(self) -> bytes:
+        """The dump check's verdict on the whole stream, in INSPECT_AWK's format (version line,
+        a line per COPY block, then whether the data of a table never ended or the dump ended
+        with its end marker), for Postgres.check_summary."""
+        end = b"OPEN\t" + self.table if self.copying else b"END\t" + (b"1" if self.complete else b"0")
+        return b"\n".join([*self.summary_lines, end]) + b"\n"
+
     def close(self) -> None:
+        if self.pending and not self.copying:
+            data, self.pending = self.pending + b"\n", b""
+            self._sql(data, 0, len(data))
         if self.failure is None:
-            if self.pending:
-                data, self.pending = self.pending + b"\n", b""
-                self._sql(data, 0, len(data))
             self._finish_held()
             if self.batch:
                 self._run_batch()

@@ -23,7 +23,7 @@ from lib.engines.pgsplit import Router, SqlRouter
 from lib.errors import RunFailed, StageFailed, ToolError, VerificationFailed
 from lib.exec import Place, child_env, require_binary
 from lib.store import utcnow
-from lib.stream import Background, Stage, TailSink, Tap, run_pipeline, run_tapped
+from lib.stream import Background, PipelineResult, Stage, TailSink, Tap, run_pipeline, run_tapped
 
 END_MARKER = "-- PostgreSQL database dump complete"
 log = logging.getLogger("backup")
@@ -316,21 +316,20 @@ class Postgres(Engine):
                     env=place.env(),
                     jobs=int(db.options.get("restore_jobs", 2)),
                     on_loaded=watch.on_loaded,
+                    on_block=watch.on_verify_line,
                     rows=watch.rows_by_table,
                 )
             )
+            # The router reads every line outside the COPY data and finds each block's end: it
+            # does the dump check itself (INSPECT_AWK's rules), so no second reader is needed.
             try:
-                if request.gate is None or not request.verify_stages:
-                    result = run_pipeline(request.decode or [_cat(request)], router, source=request.source)
-                    result.raise_for_status()
-                    router.raise_failure()
-                    return None
-                tap = Tap(request.verify_stages, name="tee (verify)", suffix=" (verify)", on_line=watch.on_verify_line)
-                result, branch = run_tapped(
-                    request.decode or [_cat(request)], len(request.decode or [None]), tap, router, source=request.source
-                )
+                result = run_pipeline(request.decode or [_cat(request)], router, source=request.source)
             finally:
                 analyzed = watch.finish()
+            if request.gate is None:
+                result.raise_for_status()
+                router.raise_failure()
+                return None
             if not analyzed:
                 log.info("%s: the ANALYZE session during the load failed; analyzing after the load", db.name)
                 watch.analyzed.clear()
@@ -344,7 +343,7 @@ class Postgres(Engine):
                 )
             # The router reads the whole stream even after a failed load, so the file is always
             # judged in full: a damaged file explains a failed load best.
-            request.gate(result, branch, True)
+            request.gate(result, PipelineResult(stages=[], tail=router.summary()), True)
             result.raise_for_status()
             router.raise_failure()
             return watch
