@@ -146,28 +146,6 @@ class TailSink(Sink):
         return bytes(self.tail[-self.keep :])
 
 
-class LineSink(TailSink):
-    """A TailSink that also hands every complete line to ``on_line`` as it arrives (for small
-    outputs followed live, such as a verifier's per-table lines or psql's command tags)."""
-
-    def __init__(self, on_line: Callable[[bytes], None], keep: int = 64 * 1024) -> None:
-        super().__init__(keep)
-        self.on_line = on_line
-        self.partial = b""
-
-    def write(self, data: memoryview) -> None:
-        super().write(data)
-        lines = (self.partial + bytes(data)).split(b"\n")
-        self.partial = lines.pop()
-        for line in lines:
-            self.on_line(line)
-
-    def close(self) -> None:
-        if self.partial:
-            self.on_line(self.partial)
-            self.partial = b""
-
-
 class HashSink(Sink):
     """Discard the bytes, keeping their sha256 and count."""
 
@@ -284,7 +262,7 @@ def sha256_file(path: Path) -> str:
 class Tap:
     """A ``tee`` stage copying the stream at its place in a pipeline into a second pipeline
     (``branch``), run in a thread, in the same pass. Bytes move only through OS pipes; the branch
-    keeps a bounded tail, and hands each line of its output to ``on_line`` (if given) as it comes. Used to verify what is being written while it is written.
+    keeps a bounded tail. Used to verify what is being written while it is written.
 
     Usage: put ``tap.stage`` in the main pipeline, run it, then ``tap.finish()`` for the branch's
     result (re-raises an exception the branch thread met).
@@ -296,13 +274,11 @@ class Tap:
         name: str = "tee",
         suffix: str = "",
         keep: int = 256 * 1024,
-        on_line: Callable[[bytes], None] | None = None,
     ) -> None:
         if not branch:
             raise ValueError("a tap needs branch stages")
         self._read_fd, self._write_fd = os.pipe()
         self._keep = keep
-        self._on_line = on_line
         self._lock = threading.Lock()
         first = branch[0]
         self._branch = [replace(first, name=first.name + suffix, on_start=self._reader_started)]
@@ -334,8 +310,7 @@ class Tap:
 
     def _run(self) -> None:
         try:
-            sink = LineSink(self._on_line, self._keep) if self._on_line else TailSink(self._keep)
-            self._result = run_pipeline(self._branch, sink, source=Path(f"/dev/fd/{self._read_fd}"))
+            self._result = run_pipeline(self._branch, TailSink(self._keep), source=Path(f"/dev/fd/{self._read_fd}"))
         except BaseException as exc:  # handed to the caller by finish()
             self._error = exc
         finally:

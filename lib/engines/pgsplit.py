@@ -1,24 +1,26 @@
-"""Loading a plain-SQL pg_dump stream with its index builds and foreign-key checks in parallel.
+"""Loading a plain-SQL pg_dump stream with its slow parts in parallel sessions.
 
 A plain dump is one script: schema, then every table's COPY data, then the post-data section
 (primary keys, indexes, foreign keys), all of which psql would run one after the other in a
-single session. Building the indexes and checking the foreign keys is about half of a restore,
-and it is work the server can do in several sessions at once. ``SqlRouter`` is the sink of the
-decoded stream. It passes the stream on to a psql session unchanged (COPY data in bulk: Python
-only looks for the end-of-data line), except the entries pg_dump labels ``INDEX``, ``CONSTRAINT``
-and ``FK CONSTRAINT``, which it holds back and then runs in ``jobs`` sessions at once, the way
-``pg_restore --jobs`` does for custom-format files:
+single session. ``SqlRouter`` is the sink of the decoded stream. It passes the stream on to a psql
+session unchanged (COPY data in bulk: Python only looks for the end-of-data line), except:
 
-- first the indexes and non-FK constraints, never two on the same table at once;
-- then the foreign keys, added ``NOT VALID`` one after the other (a catalog change), then
-  ``VALIDATE``d in parallel, never two on the same table at once. The end state is the same as
-  the dump's ``ADD CONSTRAINT`` (a validated constraint); a foreign key the dump itself marks
-  ``NOT VALID`` stays so.
+- the entries pg_dump labels ``INDEX``, ``CONSTRAINT`` and ``FK CONSTRAINT`` are held back and
+  run in ``jobs`` sessions at once, the way ``pg_restore --jobs`` does for custom-format files,
+  as one dependency graph: never two statements on the same table at once; a foreign key once
+  every build on both its tables is done, added ``NOT VALID`` (a catalog change) and then
+  ``VALIDATE``d, so validations run in parallel (the end state is the dump's: a validated
+  constraint; one the dump marks ``NOT VALID`` stays so);
+- a table whose COPY data passes SPLIT_AFTER bytes is shared with a helper session, in pieces of
+  whole rows, each to whichever session has room; the block ends when both have committed.
 
 Anything it does not recognise exactly (a statement of another shape, a ``\\connect``, a ``SET
 ROLE``, a held-back entry that grows large) ends the holding back: what was held runs first, then
 the stream continues in order in one session. Every session replays the dump's preamble (its SET
 lines) and the current ``default_tablespace`` and ``default_table_access_method``.
+
+While it reads, the router also does the dump check INSPECT_AWK does for backups (end marker,
+every COPY block closed, rows per block; ``summary()``), so a restore reads the stream once.
 """
 
 from __future__ import annotations
@@ -72,13 +74,13 @@ TERMINATOR = b"\n\\.\n"
 
 @dataclass
 class Item:
-    """One held-back entry: ``sql`` to run (after the session's preamble and ``state`` lines);
-    ``tables`` it locks; for a foreign key added NOT VALID, ``validate`` runs afterwards."""
+    """One held-back entry: ``sql`` to run after the session's preamble (it starts with the
+    dump's default_tablespace/default_table_access_method at its place); the ``tables`` it works
+    on; for a foreign key added NOT VALID, ``validate`` runs afterwards."""
 
     kind: str  # "build" (index, constraint) or "fk"
     sql: bytes
     tables: frozenset[bytes]
-    state: bytes = b""
     validate: bytes | None = None
     order: int = 0
     referenced: frozenset[bytes] = frozenset()  # a foreign key's referenced table
@@ -117,17 +119,17 @@ def classify(header_type: str, body: bytes, order: int, state: bytes) -> Item | 
         return None  # a literal spanning lines: not a shape to cut out of the stream
     prefix = b"".join(sets)
     if header_type == "INDEX" and (m := _INDEX.fullmatch(text)):
-        return Item("build", state + prefix + text + b"\n", frozenset([m.group(1)]), state, order=order)
+        return Item("build", state + prefix + text + b"\n", frozenset([m.group(1)]), order=order)
     if header_type == "CONSTRAINT" and (m := _CONSTRAINT.fullmatch(text)):
-        return Item("build", state + prefix + text + b"\n", frozenset([m.group(2)]), state, order=order)
+        return Item("build", state + prefix + text + b"\n", frozenset([m.group(2)]), order=order)
     if header_type == "FK CONSTRAINT" and (m := _FOREIGN_KEY.fullmatch(text)):
         table, name, referenced = m.group(2), m.group(3), m.group(4)
         refs = frozenset([referenced])
         if m.group(1) and b" NOT VALID" not in text:  # ONLY: a plain table, where NOT VALID is allowed
             add = state + prefix + text[:-1] + b" NOT VALID;\n"
             check = state + b"ALTER TABLE " + table + b" VALIDATE CONSTRAINT " + name + b";\n"
-            return Item("fk", add, frozenset([table]), state, validate=check, order=order, referenced=refs)
-        return Item("fk", state + prefix + text + b"\n", frozenset([table]), state, order=order, referenced=refs)
+            return Item("fk", add, frozenset([table]), validate=check, order=order, referenced=refs)
+        return Item("fk", state + prefix + text + b"\n", frozenset([table]), order=order, referenced=refs)
     return None
 
 

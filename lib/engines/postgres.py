@@ -85,7 +85,7 @@ def _start_session(place: Place, command: list[str]) -> subprocess.Popen:
     )
 
 
-def _cat(request: RestoreRequest) -> Stage:
+def _cat() -> Stage:
     """A first stage for a stream with no decoding to do (an unencrypted, uncompressed file)."""
     return Stage("cat", ["cat"])
 
@@ -323,7 +323,7 @@ class Postgres(Engine):
             # The router reads every line outside the COPY data and finds each block's end: it
             # does the dump check itself (INSPECT_AWK's rules), so no second reader is needed.
             try:
-                result = run_pipeline(request.decode or [_cat(request)], router, source=request.source)
+                result = run_pipeline(request.decode or [_cat()], router, source=request.source)
             finally:
                 analyzed = watch.finish()
             if request.gate is None:
