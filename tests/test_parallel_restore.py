@@ -237,3 +237,26 @@ def test_router_checks_the_dump_as_the_awk_check_does_and_forwards_it_unchanged(
         router = route(stream, out, sizes)
         assert router.summary() == awk_summary(stream), sizes
         assert out.read_bytes() == stream
+
+
+def test_sql_without_pg_dump_headers_is_loaded_in_order(workspace, scratch_db):
+    """A hand-written SQL file (no pg_dump entry headers) with a big COPY: nothing is reordered or
+    shared (a helper session would replay its CREATE TABLE), and it restores."""
+    import gzip
+
+    rows = b"".join(b"%d\tsome text for row %d\n" % (i, i) for i in range(300_000))  # ~8 MB
+    sql = (
+        b"CREATE TABLE public.t (a int, b text);\nCOPY public.t (a, b) FROM stdin;\n"
+        + rows
+        + b"\\.\n\nCREATE INDEX t_a ON public.t USING btree (a);\n\n--\n-- PostgreSQL database dump complete\n--\n"
+    )
+    workspace.write_config(workspace.postgres_config(scratch_db.name))
+    path = workspace.backup_dir / "pg" / "daily" / "backup_20260101_000000.sql.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(sql, 1))
+    target = f"{scratch_db.name}_copy"
+    result = workspace.invoke("restore", "--engine", "postgres", "--file", str(path), "--into", target, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "two sessions" not in result.stderr and "parallel" not in result.stderr
+    assert psql("SELECT count(*), sum(a) FROM t;", target) == f"300000|{sum(range(300_000))}"
+    assert psql("SELECT count(*) FROM pg_indexes WHERE indexname = 't_a';", target) == "1"

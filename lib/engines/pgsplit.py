@@ -474,6 +474,8 @@ class SqlRouter(Sink):
         if line.startswith(b"COPY ") and _COPY_LINE.fullmatch(line):
             if self.holding is not None:
                 self._release_held()
+            if self.in_preamble:  # data before any pg_dump entry header: not a stream to reorder
+                self._in_order_from_now()
             self._to_serial(line)
             named = _COPY_TABLE.fullmatch(line)
             self.table = (named.group(1) or named.group(2)) if named else line[5:-1]
@@ -533,7 +535,11 @@ class SqlRouter(Sink):
                 self._release_held()
             return
         if self.in_preamble:
-            self.preamble += data
+            if len(self.preamble) + len(data) > HOLD_LIMIT:  # no pg_dump preamble is this long
+                self._in_order_from_now()
+                self.in_preamble, self.preamble = False, bytearray()
+            else:
+                self.preamble += data
         self._to_serial(data)
 
     def _finish_held(self) -> None:
