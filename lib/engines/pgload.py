@@ -105,7 +105,9 @@ class LoadWatch:
     def rows_by_table(self) -> dict[str, int]:
         """Rows the server loaded per table (as the dump names it)."""
         loaded: dict[str, int] = {}
-        for block, rows in self.loaded.items():
+        with self._lock:
+            reported = list(self.loaded.items())
+        for block, rows in reported:
             if block < len(self.blocks):
                 table = self.blocks[block][0]
                 loaded[table] = loaded.get(table, 0) + rows
