@@ -250,6 +250,10 @@ def run_backup(
     try:
         result, checks, meta = write_verified(spec, db, stages, inspect, tmp, p.path.name, progress)
         dumped = time.monotonic()
+        if not engine.counts(meta):
+            log.warning(
+                "%s: the backup holds no %s; is database '%s' the right one?", db.name, engine.units[0], db.database
+            )
         record = {
             "format": store.RECORD_FORMAT,
             "tool": TOOL,

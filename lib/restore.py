@@ -9,8 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lib import store
-from lib.backup import decode_stages, engine_of_file, find_file, judge_stream, verify_file
+from lib import crypto, store
+from lib.backup import decode_stages, engine_of_file, find_file, judge_stream, verify_file, write_verified
 from lib.config import DatabaseSpec, Spec
 from lib.engines import get_engine
 from lib.engines.base import RestoreRequest
@@ -52,6 +52,13 @@ def _gate(
     checks = verify_file(spec, db, path, record, place, decrypt=True, stream=stream, hashed=digest.result)
     request.verified = checks
     return checks
+
+
+def _write_safety(spec: Spec, db: DatabaseSpec, stages: list, inspect: list, tmp: Path, final_name: str):
+    """RestoreRequest.write_safety: a safety copy is stored like a backup, encrypted when backups
+    are (a copy of production data is no less sensitive for being taken before a restore)."""
+    crypto.preflight(spec)
+    return write_verified(spec, db, stages, inspect, tmp, final_name)
 
 
 def pick_database(spec: Spec, engine: str, name: str | None) -> DatabaseSpec:
@@ -124,6 +131,8 @@ def restore(
         log=log,
         safety_dir=store.safety_dir(spec.backup_dir, db.name),
         config_path=spec.config_path,
+        write_safety=functools.partial(_write_safety, spec, db),
+        safety_encryption=crypto.record(spec) if crypto.mode(spec) != "none" else {"mode": "none"},
     )
     question = f"Restore {path.name} into database '{target}'{engine_impl.replace_note(drop_previous)}?"
     if not store.sha256_path(path).exists():

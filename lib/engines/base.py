@@ -46,6 +46,12 @@ class RestoreRequest:
     verify_stages: list[Stage] = field(default_factory=list)
     gate: Callable[..., list[str]] | None = None
     verified: list[str] | None = None
+    #: For engines that keep a safety copy: ``write_safety(stages, inspect, tmp, final_name)``
+    #: stores the output of ``stages`` at ``tmp`` encrypted as backup.yml says and verified in the
+    #: same pass (backup.write_verified), returning (result, checks, engine_meta); with
+    #: ``safety_encryption``, the record's encryption block ({"mode": "none"}: not encrypted).
+    write_safety: Callable[..., tuple[Any, list[str], dict[str, Any]]] | None = None
+    safety_encryption: Mapping[str, Any] = field(default_factory=lambda: {"mode": "none"})
 
     @property
     def source_is_raw(self) -> bool:

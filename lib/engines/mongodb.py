@@ -172,10 +172,7 @@ class MongoDB(Engine):
         return ["gzip-integrity", "archive-magic", "archive-structure", "collections-complete", "document-counts"]
 
     def check_summary(self, db: DatabaseSpec, summary: bytes) -> dict[str, Any]:
-        meta = self.parse_summary(summary)
-        if not meta["collections"]:
-            log.warning("%s: the archive holds no collections; is database '%s' the right one?", db.name, db.database)
-        return meta
+        return self.parse_summary(summary)
 
     def parse_summary(self, summary: bytes) -> dict[str, Any]:
         """The archive walker's JSON summary as record metadata. Raises VerificationFailed when the
@@ -307,21 +304,26 @@ class MongoDB(Engine):
         directory = store.ensure_dir(request.safety_dir)
         stamp = store.utcnow().strftime("%Y%m%d_%H%M%S")
         base = f"pre_restore_{re.sub(r'[^A-Za-z0-9_.-]', '_', target)}_{stamp}"
-        path = directory / f"{base}.archive"
+        encrypted = request.safety_encryption.get("mode", "none") != "none"
+        suffix = ".archive.gpg" if encrypted else ".archive"
+        path = directory / f"{base}{suffix}"
         counter = 1
         while path.exists():  # never overwrite an older safety archive (it may be the restore's source)
             counter += 1
-            path = directory / f"{base}_{counter}.archive"
+            path = directory / f"{base}_{counter}{suffix}"
         tmp = directory / f"{store.TEMP_PREFIX}{path.name}"
         created = store.utcnow()
+        dump = [self.dump_stage(db, request.place, target, "mongodump (safety archive)")]
         try:
-            result = run_pipeline(
-                [self.dump_stage(db, request.place, target, "mongodump (safety archive)")], FileSink(tmp)
-            )
-            result.raise_for_status()
-            check = run_pipeline(self.inspect_stages(db, None), TailSink(256 * 1024), source=tmp)
-            check.raise_for_status()
-            meta = self.parse_summary(check.tail)
+            if request.write_safety is not None:  # encrypted as backups are, verified in flight
+                result, checks, meta = request.write_safety(dump, self.inspect_stages(db, None), tmp, path.name)
+            else:
+                result = run_pipeline(dump, FileSink(tmp))
+                result.raise_for_status()
+                check = run_pipeline(self.inspect_stages(db, None), TailSink(256 * 1024), source=tmp)
+                check.raise_for_status()
+                meta = self.parse_summary(check.tail)
+                checks = self.verify_checks(db)
             record = {
                 "format": store.RECORD_FORMAT,
                 "tool": "lemon-backup",
@@ -335,12 +337,8 @@ class MongoDB(Engine):
                 "size": result.size,
                 "sha256": result.sha256,
                 "compression": None,
-                "encryption": {"mode": "none"},
-                "verified": {
-                    "ok": True,
-                    "at": store.iso(store.utcnow()),
-                    "checks": ["sha256", *self.verify_checks(db)],
-                },
+                "encryption": dict(request.safety_encryption),
+                "verified": {"ok": True, "at": store.iso(store.utcnow()), "checks": ["sha256", *checks]},
                 "engine_meta": meta,
                 "destinations": {},
             }
