@@ -339,6 +339,10 @@ class Tap:
         except OSError:
             self._close("_write_fd")
 
+    def close_input(self) -> None:
+        """End of the stream for the branch (in-process use)."""
+        self._close("_write_fd")
+
     def finish(self) -> PipelineResult | None:
         """Wait for the branch; close what is left. Returns its result (None if tee never started)."""
         self._close("_write_fd")
@@ -365,7 +369,7 @@ class TapSink(Sink):
         self.inner.write(data)
 
     def close(self) -> None:
-        self.tap._close("_write_fd")  # EOF for the branch
+        self.tap.close_input()
         self.inner.close()
 
 

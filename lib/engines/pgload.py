@@ -1,11 +1,10 @@
 """Following a plain-SQL load into PostgreSQL as it happens.
 
-Two streams report on the same COPY blocks, in dump order: the verifier's line per block
-(``T<tab>table<tab>rows``, printed when the block ends in the stream) and the loader
-(pgsplit.SqlRouter), which reports a block when the server has committed its rows (psql's
-``COPY n`` command tags). When both are known for block k, table k's data is committed, so it is
-ANALYZEd in another session while the load goes on with the next tables: the statistics cost no
-wall time on a machine with a core to spare. The tags are also the server's own count of the rows
+Two reports arrive on the same COPY blocks, in dump order: the router (pgsplit.SqlRouter) reports
+each block's table and rows when the block ends in the stream, and again when the server has
+committed its rows (psql's ``COPY n`` command tags). When both are known for block k, table k's
+data is committed, so it is ANALYZEd in another session while the load goes on with the next
+tables: the statistics cost no wall time on a machine with a core to spare. The tags are also the server's own count of the rows
 it loaded, compared with the dump's and the record's counts afterwards, so no count(*) pass over
 the restored tables is needed.
 """
@@ -13,24 +12,19 @@ the restored tables is needed.
 from __future__ import annotations
 
 import queue
-import re
-import subprocess
 import threading
 from collections.abc import Callable
 
-# A table name as pg_dump writes it in a COPY statement: [schema.]table, each part a plain
-# lower-case identifier or a double-quoted one. Anything else is not put into SQL here (the
-# table is then ANALYZEd after the load, by its name read from the database).
-QUALIFIED_NAME = re.compile(rb'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")(?:\.(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+"))?')
+from lib.engines.pgsplit import QUALIFIED_NAME, Session
 
 
 class LoadWatch:
-    """Collects the verifier's per-block lines (``on_verify_line``, from its thread) and the rows
-    the server loaded per block (``on_loaded``, from the load's), and feeds ``ANALYZE table;`` to
-    a session from ``start_analyzer`` (a psql reading statements on stdin), started when the
-    first table is ready. ``finish()`` closes it and says whether every statement ran."""
+    """Collects the blocks of the dump (``on_block``) and the rows the server loaded per block
+    (``on_loaded``, from the sessions' reader threads), and feeds ``ANALYZE table;`` to a session
+    from ``start_analyzer`` (a psql reading statements on stdin), started when the first table is
+    ready. ``finish()`` closes it and says whether every statement ran."""
 
-    def __init__(self, start_analyzer: Callable[[], subprocess.Popen]) -> None:
+    def __init__(self, start_analyzer: Callable[[], Session]) -> None:
         self._start_analyzer = start_analyzer
         self._lock = threading.Lock()
         self.blocks: list[tuple[str, int]] = []  # (table as written in the dump, rows in the stream)
@@ -39,18 +33,14 @@ class LoadWatch:
         self._queued: set[str] = set()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._proc: subprocess.Popen | None = None
+        self._session: Session | None = None
         self._failed = False
 
     # -- the two streams -----------------------------------------------------------------------
-    def on_verify_line(self, line: bytes) -> None:
-        if not line.startswith(b"T\t"):
-            return
-        table, _, rows = line[2:].rpartition(b"\t")
-        if not rows.isdigit():
-            return
+    def on_block(self, table: bytes, rows: int) -> None:
+        """The next COPY block of the dump ended: ``rows`` rows for ``table``."""
         with self._lock:
-            self.blocks.append((table.decode("utf-8", "replace"), int(rows)))
+            self.blocks.append((table.decode("utf-8", "replace"), rows))
             if len(self.blocks) - 1 in self.loaded:
                 self._ready(len(self.blocks) - 1)
 
@@ -75,14 +65,12 @@ class LoadWatch:
 
     def _feed(self) -> None:
         try:
-            self._proc = self._start_analyzer()
-            while (table := self._queue.get()) is not None:
-                self._proc.stdin.write(f"ANALYZE {table};\n".encode())
-                self._proc.stdin.flush()
-        except (OSError, ValueError):  # the session died (its exit status tells finish())
+            self._session = self._start_analyzer()
+        except OSError:
             self._failed = True
-            while self._queue.get() is not None:  # keep draining until finish() says stop
-                pass
+        while (table := self._queue.get()) is not None:
+            if self._session is not None and not self._session.send(f"ANALYZE {table};\n".encode()):
+                self._failed = True  # the session died; its exit status is read by finish()
 
     # -- after the load ------------------------------------------------------------------------
     def finish(self) -> bool:
@@ -93,14 +81,10 @@ class LoadWatch:
             return True
         self._queue.put(None)
         thread.join()
-        proc = self._proc
-        if proc is None:
+        if self._session is None:
             return False
-        try:
-            proc.stdin.close()
-        except OSError:
-            self._failed = True
-        return proc.wait() == 0 and not self._failed
+        code, _ = self._session.close()
+        return code == 0 and not self._failed
 
     def rows_by_table(self) -> dict[str, int]:
         """Rows the server loaded per table (as the dump names it)."""

@@ -53,6 +53,9 @@ VERSION_LINE = b"-- Dumped from database version "
 _COPY_TABLE = re.compile(rb"COPY (.*?) \(.*\) FROM stdin;\n|COPY (.*) FROM stdin;\n")
 _HEADER = re.compile(rb"-- (?:Data for )?Name: .*; Type: ([A-Z][A-Z ]*); Schema: ")
 _COPY_LINE = re.compile(rb"COPY .* FROM stdin;\n")
+# A table name as pg_dump writes it: [schema.]table, each part a plain lower-case identifier or a
+# double-quoted one. Only names of this shape are ever put into SQL built here.
+QUALIFIED_NAME = re.compile(_QNAME)
 COPY_TAG = re.compile(rb"COPY (\d+)\r?")
 _STATE_SET = re.compile(rb"SET (default_tablespace|default_table_access_method) = [^;\n]*;\n")
 _INDEX = re.compile(rb"CREATE (?:UNIQUE )?INDEX " + _IDENT + rb" ON (?:ONLY )?(" + _QNAME + rb") USING [^\n]*;")
@@ -218,8 +221,8 @@ class Router:
     psql: Callable[[list[str]], list[str]]
     env: dict
     jobs: int = 2
-    #: called with the dump check's line for a COPY block (b"T<tab>table<tab>rows") as it ends
-    on_block: Callable[[bytes], None] = lambda line: None
+    #: called with (table as the dump names it, rows in the file) as each COPY block ends
+    on_block: Callable[[bytes, int], None] = lambda table, rows: None
     #: called with (block index, rows) once the server committed a COPY block (psql's tags)
     on_loaded: Callable[[int, int], None] = lambda block, rows: None
     #: rows loaded so far per table (as the dump names it): the longest work goes first
@@ -260,7 +263,6 @@ class SqlRouter(Sink):
         self.helper: Session | None = None
         self.line_carry = b""
         self.split_blocks: list[int] = []
-        self.shared_bytes = 0
         # psql's COPY tags: the serial sessions' in block order, the helper's in split order
         self._tags = threading.Condition()
         self.serial_tags = 0
@@ -307,9 +309,8 @@ class SqlRouter(Sink):
             self.carry = (self.carry + buf[pos:])[-3:]
             return len(buf)
         self.rows += buf.count(b"\n", pos, end) - 1  # not the end-of-data line
-        line = b"T\t" + self.table + b"\t" + str(self.rows).encode()
-        self.summary_lines.append(line)
-        self.r.on_block(line)
+        self.summary_lines.append(b"T\t" + self.table + b"\t" + str(self.rows).encode())
+        self.r.on_block(self.table, self.rows)
         self._copy_data(buf, pos, end, last=True)
         self.copying = False
         return end
@@ -352,7 +353,6 @@ class SqlRouter(Sink):
 
     def _pieces(self, buf: bytes, start: int, stop: int) -> list[memoryview]:
         """buf[start:stop] (whole lines) cut into pieces of whole lines of about PIECE bytes."""
-        self.shared_bytes += stop - start
         view = memoryview(buf)
         pieces = []
         while start < stop:

@@ -9,7 +9,6 @@ import concurrent.futures
 import logging
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -19,7 +18,7 @@ from lib.config import DatabaseSpec
 from lib.engines import register
 from lib.engines.base import Engine, RestoreRequest
 from lib.engines.pgload import LoadWatch
-from lib.engines.pgsplit import Router, SqlRouter
+from lib.engines.pgsplit import Router, Session, SqlRouter
 from lib.errors import RunFailed, StageFailed, ToolError, VerificationFailed
 from lib.exec import Place, child_env, require_binary
 from lib.store import utcnow
@@ -71,18 +70,6 @@ def quote_ident(name: str) -> str:
 
 def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _start_session(place: Place, command: list[str]) -> subprocess.Popen:
-    """A psql session reading statements on stdin (output discarded, errors kept in a temp file
-    that is only used through the exit status)."""
-    return subprocess.Popen(
-        place.argv(command),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=place.env(),
-    )
 
 
 def _cat() -> Stage:
@@ -309,14 +296,14 @@ class Postgres(Engine):
             # while the next one loads (pgload.LoadWatch), and the index builds and foreign-key
             # checks run in parallel sessions (pgsplit.SqlRouter, restore_jobs of them).
             analyzer = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", *conn]
-            watch = LoadWatch(lambda: _start_session(place, analyzer))
+            watch = LoadWatch(lambda: Session(place.argv(analyzer), place.env()))
             router = SqlRouter(
                 Router(
                     psql=lambda flags: place.argv(["psql", "-X", *flags, "-v", "ON_ERROR_STOP=1", *conn]),
                     env=place.env(),
                     jobs=int(db.options.get("restore_jobs", 2)),
                     on_loaded=watch.on_loaded,
-                    on_block=watch.on_verify_line,
+                    on_block=watch.on_block,
                     rows=watch.rows_by_table,
                 )
             )
