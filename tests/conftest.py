@@ -124,6 +124,15 @@ def sample_db(scratch_db):
     return scratch_db.load_sample()
 
 
+def with_fixed_tier(args) -> list[str]:
+    """``args`` of an invoke run, with ``--tier daily`` added to a ``backup`` task that names no
+    tier (see Workspace.invoke)."""
+    args = list(args)
+    if args and args[0] == "backup" and "--tier" not in args:
+        args[1:1] = ["--tier", "daily"]
+    return args
+
+
 class Workspace:
     """A temp project directory: backup.yml, .env, backups/ and an environment for running tasks."""
 
@@ -161,7 +170,12 @@ class Workspace:
     def invoke(
         self, *args: str, env: dict | None = None, input: str | None = None, timeout: float = 300
     ) -> subprocess.CompletedProcess:
-        """Run ``invoke ARGS --config <this backup.yml>`` (unless --config is given) from the workspace."""
+        """Run ``invoke ARGS --config <this backup.yml>`` (unless --config is given) from the workspace.
+
+        The tier of a backup follows the calendar (monthly on the 1st, weekly on Sundays), so a
+        ``backup`` run without ``--tier`` gets ``--tier daily``: tests look at ``daily/`` and must
+        pass on every date. Tests of the calendar itself pass ``--tier`` or call store.tier_for."""
+        args = with_fixed_tier(args)
         argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), *args]
         if "--config" not in args and args and not args[0].startswith("-"):
             argv += ["--config", str(self.config)]
@@ -193,3 +207,34 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end tests (deselect with -m 'not slow')")
     if shutil.which("psql") is None:
         raise pytest.UsageError("psql is not installed; run .ci/run (or bash .ci/setup) first")
+
+
+def _gpg_agent_homes(under: Path) -> set[str]:
+    """Homedirs of running gpg-agents whose --homedir lies under ``under`` (read from /proc)."""
+    homes = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"gpg-agent") or b"--homedir" not in argv:
+            continue
+        index = argv.index(b"--homedir") + 1
+        home = argv[index].decode(errors="replace") if index < len(argv) else ""
+        if home.startswith(str(under)):
+            homes.add(home)
+    return homes
+
+
+@pytest.fixture(autouse=True)
+def _stop_gpg_agents(request):
+    """gpg starts an agent per homedir that outlives the test; stop those this test's homedirs started
+    (the real tool's, the tests' own keyrings and the ones under HOME of a workspace)."""
+    base = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if base is None:
+        return
+    for home in _gpg_agent_homes(base):
+        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)

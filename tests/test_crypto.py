@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import _gpg_agent_homes as conftest_gpg_agent_homes
 from gpgkeys import GPG, keyring_factory
 
 from lib import crypto
@@ -268,3 +269,13 @@ def test_failing_plaintext_check_fails_the_run_and_names_the_check(tmp_path, key
     result, _ = run_tapped([*producer, *crypto.encrypt_stages(spec)], 2, tap, FileSink(tmp_path / "out.gpg"))
     cause = result.cause()
     assert cause is not None and cause.name == "checker (before encryption)" and cause.returncode == 3
+
+
+def test_gpg_agents_are_stopped_after_each_test(tmp_path):
+    """Guard for the fixture above: an agent started under tmp_path is found (and stopped after)."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    subprocess.run(["gpg-connect-agent", "--homedir", str(home), "/bye"], capture_output=True, timeout=30)
+    assert conftest_gpg_agent_homes(tmp_path) == {str(home)}
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    assert conftest_gpg_agent_homes(tmp_path) == set()

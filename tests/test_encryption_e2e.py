@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import DOUBLES, ROOT, databases_like
+from conftest import DOUBLES, ROOT, databases_like, with_fixed_tier
 from gpgkeys import GPG, keyring_factory
 
 PASSPHRASE = "two words 'single' \"double\" 한국어 비밀 ü $HOME \\n"
@@ -52,7 +52,7 @@ def untouched(sample_db, expected: dict) -> None:
 def run_watching(workspace, args: list[str], env: dict, secret: bytes) -> tuple[subprocess.CompletedProcess, list]:
     """Run an invoke task while a thread reads every process's command line (and every process's
     environment except the task's own, which was handed the variable) looking for ``secret``."""
-    argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), *args, "--config", str(workspace.config)]
+    argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), *with_fixed_tier(args), "--config", str(workspace.config)]
     full_env = {**workspace.env, **env}
     proc = subprocess.Popen(
         argv, cwd=workspace.path, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import DOUBLES, ROOT, ScratchDB, databases_like, psql
+from conftest import DOUBLES, ROOT, ScratchDB, databases_like, psql, with_fixed_tier
 
 
 def backup_ok(workspace, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -661,7 +661,8 @@ def test_cron_output_is_logged_once(workspace, sample_db):
     workspace.backup_dir.mkdir(mode=0o700)
     log = workspace.backup_dir / "backup.log"
     with open(log, "a") as handle:
-        argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "backup", "--all", "--config", str(workspace.config)]
+        argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), *with_fixed_tier(["backup", "--all"])]
+        argv += ["--config", str(workspace.config)]
         proc = subprocess.run(argv, cwd=workspace.path, env=workspace.env, stdout=handle, stderr=subprocess.STDOUT)
     assert proc.returncode == 0
     lines = [line for line in log.read_text().splitlines() if "backup started" in line]

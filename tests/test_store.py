@@ -33,6 +33,24 @@ def test_tier_from_date():
     assert store.tier_for(datetime(2026, 11, 9), weekly_on=6, monthly_on=1) == "daily"
 
 
+def test_tier_over_a_whole_year():
+    """Every day of 2026 (a year starting on a Thursday): the 1st is monthly (even on a Sunday),
+    other Sundays weekly, the rest daily; other weekly/monthly settings move the days with them."""
+    day = datetime(2026, 1, 1, 2, 0)
+    seen = {"daily": 0, "weekly": 0, "monthly": 0}
+    while day.year == 2026:
+        tier = store.tier_for(day, weekly_on=6, monthly_on=1)
+        expected = "monthly" if day.day == 1 else "weekly" if day.weekday() == 6 else "daily"
+        assert tier == expected, day
+        assert store.tier_for(day, weekly_on=0, monthly_on=15) == (
+            "monthly" if day.day == 15 else "weekly" if day.weekday() == 0 else "daily"
+        ), day
+        seen[tier] += 1
+        day += timedelta(days=1)
+    # 52 Sundays in 2026, one of them (Feb 1, Mar 1, Nov 1) on the 1st: 49 weekly
+    assert seen == {"monthly": 12, "weekly": 49, "daily": 365 - 12 - 49}
+
+
 def test_retention_deletes_by_recorded_age_per_tier(tmp_path):
     keep = {"daily": 7, "weekly": 30, "monthly": 90}
     backups = [fake(tmp_path, "pg", "daily", d) for d in (1, 6, 8, 20)]
