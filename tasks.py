@@ -62,6 +62,10 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
         "off-site destination and verify it first; with --all, every database's newest verified copy.",
         "wait": WAIT_HELP,
         "config": CONFIG_HELP,
+        "no_owner": "Leave out who owns what (objects and the database are owned by the restoring user), "
+        "for a server that lacks the backup's roles; as pg_restore --no-owner.",
+        "no_privileges": "Leave out GRANT/REVOKE and default privileges (and the database's own), for a server "
+        "that lacks the roles they name; as pg_restore --no-privileges.",
     },
 )
 @guarded
@@ -77,6 +81,8 @@ def restore(
     from_=None,
     wait=None,
     config=None,
+    no_owner=False,
+    no_privileges=False,
 ):
     """Verify a backup, then restore it safely: into a new database, checked, then swapped in."""
     if all:
@@ -87,7 +93,16 @@ def restore(
     ask = confirm_on_terminal(yes)
     with locked(spec, f"restore {db or engine}", wait):
         summary = restore_db(
-            spec, engine, file, db_name=db, into=into, drop_previous=drop_previous, confirm=ask, from_dest=from_
+            spec,
+            engine,
+            file,
+            db_name=db,
+            into=into,
+            drop_previous=drop_previous,
+            confirm=ask,
+            from_dest=from_,
+            no_owner=no_owner,
+            no_privileges=no_privileges,
         )
     print(
         f"restored {summary['file']} into {summary['target']}"

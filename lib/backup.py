@@ -22,6 +22,8 @@ from lib.progress import progress as progress_line
 from lib.stream import FileSink, PipelineResult, Stage, TailSink, Tap, run_pipeline, run_tapped, sha256_file
 
 TOOL = "lemon-backup"
+#: what is kept of an inspection's output: the engine's summary (a line per table) must fit
+SUMMARY_TAIL = 8 << 20
 log = logging.getLogger("backup")
 
 
@@ -95,7 +97,7 @@ def check_stream(
         return crypto.check_structure(spec, path, name=name or path.name), {}
     decode = decode_stages(spec, path, record)
     stages = decode + engine.inspect_stages(db, place)
-    result = run_pipeline(stages, TailSink(256 * 1024), source=path)
+    result = run_pipeline(stages, TailSink(SUMMARY_TAIL), source=path)
     return judge_stream(spec, db, path, record, result, result.tail, name=name)
 
 
@@ -130,7 +132,7 @@ def judge_stream(
         meta = engine.check_summary(db, tail)
     except VerificationFailed as exc:
         raise VerificationFailed(f"{label} failed verification: {exc}") from None
-    return checks + engine.verify_checks(db), meta
+    return checks + engine.verify_checks(db, meta), meta
 
 
 def verify_file(
@@ -190,7 +192,7 @@ def write_verified(
     else:
         decrypt = crypto.decrypt_stages(spec, None, "symmetric") if encrypt else []
         branch, at, label = decrypt + inspect, len(stages) + len(encrypt), " (in flight)"
-    tap = Tap(branch, name="tee" + label, suffix=label)
+    tap = Tap(branch, name="tee" + label, suffix=label, keep=SUMMARY_TAIL)
     result, checked = run_tapped([*stages, *encrypt], at, tap, FileSink(tmp), progress=progress)
     cause = result.cause()
     when = "before encryption" if public_key else "while it was written"
@@ -209,7 +211,7 @@ def write_verified(
     except VerificationFailed as exc:
         raise VerificationFailed(f"{final_name} failed verification {when}: {exc}") from None
     kind = engine.compression(db)
-    stream_checks = ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db)
+    stream_checks = ([f"{kind}-integrity"] if kind else []) + engine.verify_checks(db, meta)
     if public_key:
         try:
             structure = crypto.check_structure(spec, tmp, name=final_name)
@@ -245,6 +247,7 @@ def run_backup(
         stages.append(compress.compressor(kind, db.options.get("compression_level")))
     inspect = ([compress.decompressor(kind)] if kind else []) + engine.inspect_stages(db, place)
     created = store.utcnow()
+    captured = engine.capture(db, place)  # before the dump: what the dump itself does not hold
     log.info("%s: %s backup started (%s)", db.name, p.tier, " | ".join(p.stages))
     started = time.monotonic()
     try:
@@ -270,6 +273,7 @@ def run_backup(
             "encryption": crypto.record(spec),
             "verified": {"ok": True, "at": store.iso(store.utcnow()), "checks": ["sha256"] + checks},
             "engine_meta": meta,
+            **captured,
             "seconds": {"dump_and_verify": round(dumped - started, 3)},
             "destinations": {},
         }

@@ -87,6 +87,8 @@ def restore(
     drop_previous: bool = False,
     confirm: Callable[[str], bool] | None = None,
     from_dest: str | None = None,
+    no_owner: bool = False,
+    no_privileges: bool = False,
 ) -> dict[str, Any]:
     """Restore ``file_arg`` ('latest' or a path) of the chosen database.
 
@@ -95,7 +97,8 @@ def restore(
 
     ``confirm(question)`` is asked before anything is touched (after verification for engines that
     restore in place; before the scratch load for engines that load into scratch); returning
-    False aborts with InputError. Raises InputError for bad input, RunFailed/VerificationFailed
+    False aborts with InputError. ``no_owner``/``no_privileges`` leave out the ownership and
+    privileges the backup holds (a server without its roles), as pg_restore's flags do. Raises InputError for bad input, RunFailed/VerificationFailed
     when the restore or its checks fail (the target is then left as it was).
     """
     db = pick_database(spec, engine, db_name)
@@ -103,7 +106,9 @@ def restore(
         from lib.offsite import fetched
 
         with fetched(spec, db, from_dest, file_arg) as (local, remote):
-            summary = restore(spec, engine, str(local), db.name, into, drop_previous, confirm)
+            summary = restore(
+                spec, engine, str(local), db.name, into, drop_previous, confirm, None, no_owner, no_privileges
+            )
         summary["file"] = f"{from_dest}:{remote.path}"
         return summary
     path = find_file(spec, db, file_arg)
@@ -133,6 +138,8 @@ def restore(
         config_path=spec.config_path,
         write_safety=functools.partial(_write_safety, spec, db),
         safety_encryption=crypto.record(spec) if crypto.mode(spec) != "none" else {"mode": "none"},
+        no_owner=no_owner,
+        no_privileges=no_privileges,
     )
     question = f"Restore {path.name} into database '{target}'{engine_impl.replace_note(drop_previous)}?"
     if not store.sha256_path(path).exists():

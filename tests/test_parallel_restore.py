@@ -9,6 +9,7 @@ import subprocess
 import pytest
 from conftest import PGHOST, PGPORT, PGUSER, databases_like, psql
 
+from lib.engines.pgdump import DumpReader
 from lib.engines.pgsplit import classify
 
 # Everything the router must either run in parallel correctly or leave in order: circular and
@@ -162,39 +163,55 @@ def test_a_row_failing_in_a_shared_copy_leaves_the_target_untouched(workspace, s
 
 
 # -- the classifier, on the shapes pg_dump writes ----------------------------------------------
+def statements(sql: bytes) -> list:
+    """The statements the dump reader finds in ``sql``."""
+    found = []
+
+    class Collect(DumpReader):
+        def statement(self, stmt):
+            found.append(stmt)
+
+    reader = Collect()
+    reader.feed(sql)
+    reader.close()
+    return found
+
+
+def one(sql: bytes):
+    [stmt] = statements(sql)
+    return stmt
+
+
 def test_classify_takes_only_exact_shapes():
-    index = b"--\n-- Name: t_v; Type: INDEX; Schema: public; Owner: -\n--\n\nCREATE INDEX t_v ON public.t USING btree (v);\n\n\n"
-    item = classify("INDEX", index, 1, b"")
-    assert item is not None and item.kind == "build" and item.tables == {b"public.t"}
+    index = b"--\n-- Name: t_v; Type: INDEX; Schema: public; Owner: -\n--\n\nCREATE INDEX t_v ON public.t USING btree (v);\n"
+    item = classify(one(index), b"SET x = 1;\n", 1)
+    assert item is not None and item.kind == "build" and item.tables == {(b"public", b"t")}
+    assert item.sql == b"SET x = 1;\nCREATE INDEX t_v ON public.t USING btree (v);\n"
     fk = (
         b"--\n-- Name: t t_fk; Type: FK CONSTRAINT; Schema: public; Owner: -\n--\n\n"
-        b'ALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_fk FOREIGN KEY (r) REFERENCES "S"."U v"(id);\n\n\n'
+        b'ALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_fk FOREIGN KEY (r) REFERENCES "S"."U v"(id);\n'
     )
-    item = classify("FK CONSTRAINT", fk, 2, b"")
+    item = classify(one(fk), b"", 2)
     assert item.sql.endswith(b'REFERENCES "S"."U v"(id) NOT VALID;\n')
-    assert item.validate == b"ALTER TABLE public.t VALIDATE CONSTRAINT t_fk;\n"
-    assert item.tables == {b"public.t"}
-    # a literal spanning lines, a second statement, another statement kind: not ours
-    assert (
-        classify("CONSTRAINT", b"ALTER TABLE ONLY public.t\n    ADD CONSTRAINT c CHECK ((v <> 'a;\n-- b'));\n", 3, b"")
-        is None
-    )
-    assert classify("INDEX", index + b"DROP TABLE public.t;\n", 4, b"") is None
-    assert classify("INDEX", b"ALTER TABLE public.t OWNER TO x;\n", 5, b"") is None
+    assert item.validate == b'ALTER TABLE "public"."t" VALIDATE CONSTRAINT t_fk;\n'
+    assert item.tables == {(b"public", b"t")} and item.referenced == {(b"S", b"U v")}
+    # a foreign key to a partitioned table is added as the dump says (VALIDATE would leave its
+    # per-partition copies not validated)
+    item = classify(one(fk), b"", 2, partitioned={(b"S", b"U v")})
+    assert item.validate is None and b"NOT VALID" not in item.sql
     # a dump's own NOT VALID foreign key is added as it is
-    not_valid = fk.replace(b"(id);", b"(id) NOT VALID;")
-    assert classify("FK CONSTRAINT", not_valid, 6, b"").validate is None
+    assert classify(one(fk.replace(b"(id);", b"(id) NOT VALID;")), b"", 6).validate is None
+    # a literal holding ';' and newlines is one statement, still a constraint on public.t
+    check = b"-- Name: t c; Type: CONSTRAINT; Schema: public; Owner: -\nALTER TABLE ONLY public.t\n    ADD CONSTRAINT c CHECK ((v <> 'a;\n-- b'));\n"
+    assert classify(one(check), b"", 3).tables == {(b"public", b"t")}
+    # another statement kind under an INDEX header, or no header at all: not ours
+    header = b"-- Name: t_v; Type: INDEX; Schema: public; Owner: -\n"
+    assert classify(one(header + b"DROP TABLE public.t;\n"), b"", 4) is None
+    assert classify(one(header + b"ALTER TABLE public.t OWNER TO x;\n"), b"", 5) is None
+    assert classify(one(b"CREATE INDEX t_v ON public.t USING btree (v);\n"), b"", 6) is None
 
 
-# -- the router's own dump check, against the awk check backups use ------------------------------
-def awk_summary(data: bytes) -> bytes:
-    from lib.engines.postgres import INSPECT_AWK
-
-    return subprocess.run(
-        ["mawk", INSPECT_AWK], input=data, capture_output=True, check=True, env={"LC_ALL": "C"}
-    ).stdout
-
-
+# -- the router: what it passes on, and its dump check --------------------------------------------
 def route(data: bytes, out, sizes=(1, 3, 7, 4096, 65536)):
     """Feed ``data`` to a SqlRouter (one session: ``cat > out``) in chunks of varying sizes."""
     from lib.engines.pgsplit import Router, SqlRouter
@@ -214,29 +231,47 @@ STREAM = (
     b"SET client_encoding = 'UTF8';\n\n--\n-- Name: t; Type: TABLE; Schema: public; Owner: -\n--\n\n"
     b"CREATE TABLE public.t (a int, b text);\n\n"
     b"COPY public.t (a, b) FROM stdin;\n1\tone\\\\.\n2\t\\\\.\n3\tthree\n\\.\n\n"
-    b"COPY public.empty FROM stdin;\n\\.\n\n"
+    b"COPY public.empty  FROM stdin;\n\\.\n\n"
     b'COPY "S"."a (b)" (x) FROM stdin;\n9\n\\.\n\n'
     b"--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc\n\n"
 )
+# what a psql session gets: every statement and COPY block from after \restrict to the last one
+FORWARDED = STREAM[STREAM.index(b"\\restrict abc\n") + 14 : STREAM.index(b"9\n\\.\n") + 5]
 
 
 @pytest.mark.parametrize(
-    "stream",
+    ("stream", "verdict"),
     [
-        STREAM,
-        STREAM[: STREAM.index(b"3\tthree")],  # cut inside COPY data
-        STREAM.replace(b"-- PostgreSQL database dump complete\n", b""),  # no end marker
-        STREAM + b"DROP TABLE public.t;\n",  # something after the end marker
-        STREAM[:-1],  # no final newline
+        (STREAM, b"END\t1"),
+        (STREAM[: STREAM.index(b"3\tthree")], b"OPEN\tpublic.t"),  # cut inside COPY data
+        (STREAM.replace(b"-- PostgreSQL database dump complete\n", b""), b"END\t0"),  # no end marker
+        (STREAM + b"DROP TABLE public.t;\n", b"END\t0"),  # something after the end marker
+        (STREAM[:-1], b"END\t1"),  # no final newline
+        (STREAM[: STREAM.index(b"CREATE TABLE") + 20], b"END\t0"),  # cut inside a statement
     ],
-    ids=["whole", "cut-in-data", "no-end-marker", "after-end-marker", "no-final-newline"],
+    ids=["whole", "cut-in-data", "no-end-marker", "after-end-marker", "no-final-newline", "cut-in-statement"],
 )
-def test_router_checks_the_dump_as_the_awk_check_does_and_forwards_it_unchanged(tmp_path, stream):
+def test_router_checks_the_dump_and_forwards_its_statements_unchanged(tmp_path, stream, verdict):
     out = tmp_path / "forwarded.sql"
+    summaries = set()
     for sizes in [(1, 3, 7, 4096, 65536), (1 << 20,), (2,)]:
         router = route(stream, out, sizes)
-        assert router.summary() == awk_summary(stream), sizes
-        assert out.read_bytes() == stream
+        summary = router.summary()
+        summaries.add(summary)
+        assert summary.endswith(verdict + b"\n"), summary
+        forwarded = out.read_bytes() if out.exists() else b""
+        # every statement and COPY block, byte for byte, without the meta-commands
+        if b"DROP TABLE" in stream:  # run (it is a statement), and the dump is judged incomplete
+            assert forwarded == FORWARDED + b"\nDROP TABLE public.t;"
+        assert FORWARDED.startswith(forwarded) or b"DROP TABLE" in stream
+        if verdict == b"END\t1":
+            assert forwarded == FORWARDED
+        out.unlink(missing_ok=True)
+    assert len(summaries) == 1  # the same verdict whatever the chunk sizes
+    if verdict == b"END\t1":
+        lines = summaries.pop().splitlines()
+        assert b"T\tpublic.t\t3" in lines and b"T\tpublic.empty\t0" in lines and b'T\t"S"."a (b)"\t1' in lines
+        assert b"V\t15.20 (x)" in lines and b"N\t3\t3" in lines
 
 
 def test_sql_without_pg_dump_headers_is_loaded_in_order(workspace, scratch_db):

@@ -52,6 +52,9 @@ class RestoreRequest:
     #: ``safety_encryption``, the record's encryption block ({"mode": "none"}: not encrypted).
     write_safety: Callable[..., tuple[Any, list[str], dict[str, Any]]] | None = None
     safety_encryption: Mapping[str, Any] = field(default_factory=lambda: {"mode": "none"})
+    #: leave out ownership / privileges the backup holds (restore onto a server without its roles)
+    no_owner: bool = False
+    no_privileges: bool = False
 
     @property
     def source_is_raw(self) -> bool:
@@ -94,6 +97,12 @@ class Engine:
         format compresses itself."""
         raise NotImplementedError
 
+    def capture(self, db: DatabaseSpec, place: Place) -> dict[str, Any]:
+        """Facts about the database taken in the backup run, before the dump, that the dump itself
+        does not hold (e.g. PostgreSQL's database-level properties); merged into the record.
+        Default: none."""
+        return {}
+
     def dump_stages(self, db: DatabaseSpec, place: Place) -> list[Stage]:
         """Stages producing the raw dump on stdout."""
         raise NotImplementedError
@@ -112,8 +121,9 @@ class Engine:
         ``dump_format``. Default: the engine's one native format."""
         return {"dump_format": "native"}
 
-    def verify_checks(self, db: DatabaseSpec) -> list[str]:
-        """Names of the checks ``check_summary`` performs, for records and listings."""
+    def verify_checks(self, db: DatabaseSpec, meta: Mapping[str, Any] | None = None) -> list[str]:
+        """Names of the checks ``check_summary`` performed (it returned ``meta``), for records and
+        listings."""
         return ["dump-complete"]
 
     def counts(self, meta: Mapping[str, Any]) -> Mapping[str, int]:

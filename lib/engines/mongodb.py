@@ -168,7 +168,7 @@ class MongoDB(Engine):
             Stage("archive check", [sys.executable, "-I", str(WALKER)]),
         ]
 
-    def verify_checks(self, db: DatabaseSpec) -> list[str]:
+    def verify_checks(self, db: DatabaseSpec, meta: Mapping[str, Any] | None = None) -> list[str]:
         return ["gzip-integrity", "archive-magic", "archive-structure", "collections-complete", "document-counts"]
 
     def check_summary(self, db: DatabaseSpec, summary: bytes) -> dict[str, Any]:

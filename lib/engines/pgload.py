@@ -15,7 +15,8 @@ import queue
 import threading
 from collections.abc import Callable
 
-from lib.engines.pgsplit import QUALIFIED_NAME, Session
+from lib.engines.pgdump import Name
+from lib.engines.pgsplit import Session
 
 
 class LoadWatch:
@@ -28,6 +29,7 @@ class LoadWatch:
         self._start_analyzer = start_analyzer
         self._lock = threading.Lock()
         self.blocks: list[tuple[str, int]] = []  # (table as written in the dump, rows in the stream)
+        self._sql: list[str] = []  # each block's table, every part quoted (safe in SQL)
         self.loaded: dict[int, int] = {}  # block index -> rows the server reported
         self.analyzed: list[str] = []  # tables sent to the ANALYZE session
         self._queued: set[str] = set()
@@ -37,10 +39,11 @@ class LoadWatch:
         self._failed = False
 
     # -- the two streams -----------------------------------------------------------------------
-    def on_block(self, table: bytes, rows: int) -> None:
+    def on_block(self, table: Name, rows: int) -> None:
         """The next COPY block of the dump ended: ``rows`` rows for ``table``."""
         with self._lock:
-            self.blocks.append((table.decode("utf-8", "replace"), rows))
+            self.blocks.append((table.written.decode("utf-8", "replace"), rows))
+            self._sql.append(table.sql().decode("utf-8", "replace"))
             if len(self.blocks) - 1 in self.loaded:
                 self._ready(len(self.blocks) - 1)
 
@@ -54,14 +57,14 @@ class LoadWatch:
     def _ready(self, block: int) -> None:
         """Both streams reported ``block``: queue its table for ANALYZE (called under the lock)."""
         table = self.blocks[block][0]
-        if table in self._queued or not QUALIFIED_NAME.fullmatch(table.encode()):
+        if table in self._queued:
             return
         self._queued.add(table)
         self.analyzed.append(table)
         if self._thread is None:
             self._thread = threading.Thread(target=self._feed, name="analyze", daemon=True)
             self._thread.start()
-        self._queue.put(table)
+        self._queue.put(self._sql[block])
 
     def _feed(self) -> None:
         try:

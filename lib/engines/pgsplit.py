@@ -2,25 +2,35 @@
 
 A plain dump is one script: schema, then every table's COPY data, then the post-data section
 (primary keys, indexes, foreign keys), all of which psql would run one after the other in a
-single session. ``SqlRouter`` is the sink of the decoded stream. It passes the stream on to a psql
-session unchanged (COPY data in bulk: Python only looks for the end-of-data line), except:
+single session. ``SqlRouter`` is the sink of the decoded stream. It reads it with the dump reader
+(lib/engines/pgdump.py: a lexer that quotes as psql does, so statement boundaries, COPY blocks and
+names are never guessed from a line's first characters) and passes every statement on to a psql
+session unchanged, in order, except where it fully understands what it holds:
 
-- the entries pg_dump labels ``INDEX``, ``CONSTRAINT`` and ``FK CONSTRAINT`` are held back and
-  run in ``jobs`` sessions at once, the way ``pg_restore --jobs`` does for custom-format files,
-  as one dependency graph: never two statements on the same table at once; a foreign key once
-  every build on both its tables is done, added ``NOT VALID`` (a catalog change) and then
-  ``VALIDATE``d, so validations run in parallel (the end state is the dump's: a validated
-  constraint; one the dump marks ``NOT VALID`` stays so);
-- a table whose COPY data passes SPLIT_AFTER bytes is shared with a helper session, in pieces of
-  whole rows, each to whichever session has room; the block ends when both have committed.
+- a statement of pg_dump's ``INDEX``, ``CONSTRAINT`` or ``FK CONSTRAINT`` entries whose tokens
+  have exactly the shape pg_dump writes (``CREATE [UNIQUE] INDEX name ON [ONLY] table ...``,
+  ``ALTER TABLE [ONLY] table ADD CONSTRAINT name ...``) is held back; the held statements run in
+  ``jobs`` sessions at once, the way ``pg_restore --jobs`` does, as one dependency graph: never two
+  statements on the same table at once; a foreign key once every build on both its tables is
+  done. A foreign key between plain tables is added ``NOT VALID`` (a catalog change) and then
+  ``VALIDATE``d, so validations run in parallel; one that involves a partitioned table is added
+  as the dump says (VALIDATE would not mark its per-partition copies valid), and one the dump
+  marks ``NOT VALID`` stays so;
+- a table whose COPY data (a ``TABLE DATA`` entry, outside any transaction block) passes
+  SPLIT_AFTER bytes is shared with a helper session, in pieces of whole rows, each to whichever
+  session has room; the block ends when both have committed.
 
-Anything it does not recognise exactly (a statement of another shape, a ``\\connect``, a ``SET
-ROLE``, a held-back entry that grows large) ends the holding back: what was held runs first, then
-the stream continues in order in one session. Every session replays the dump's preamble (its SET
-lines) and the current ``default_tablespace`` and ``default_table_access_method``.
+A statement run in another session gets the session state in force at its own position in the
+dump: every top-level ``SET``/``RESET``/``set_config`` seen so far (search_path,
+default_tablespace, default_table_access_method, SET SESSION AUTHORIZATION...), replayed first.
+Anything else (another statement kind, an explicit transaction) is a sync point: what was held
+runs first, then the stream continues in order. ``\\restrict``/``\\unrestrict`` are not passed on
+(the reader refuses every other meta-command, which is stricter); with ``no_owner`` the
+``ALTER ... OWNER TO`` and ``SET SESSION AUTHORIZATION`` statements are left out, with
+``no_privileges`` the GRANT/REVOKE/ALTER DEFAULT PRIVILEGES ones (as pg_restore's flags do).
 
-While it reads, the router also does the dump check INSPECT_AWK does for backups (end marker,
-every COPY block closed, rows per block; ``summary()``), so a restore reads the stream once.
+The reader also does the dump check while the router reads (``summary()``), so a restore reads
+the stream once.
 """
 
 from __future__ import annotations
@@ -36,57 +46,36 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lib.errors import StageFailed
+from lib.engines.pgdump import DumpReader, Name, Statement, qualified_name
+from lib.errors import StageFailed, VerificationFailed
 from lib.exec import tail_text
 from lib.stream import Sink
 
-_IDENT = rb'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
-_QNAME = rb"(?:" + _IDENT + rb"(?:\." + _IDENT + rb")?)"
-# The lines the router looks at; everything else passes through untouched.
-_MARK = re.compile(
-    rb"^(?:COPY |-- (?:Data for )?Name: |-- PostgreSQL database dump complete$|-- Dumped from database version |"
-    rb"SET |RESET |\\|SELECT pg_catalog\.set_config\()",
-    re.M,
-)
-END_MARKER = b"-- PostgreSQL database dump complete\n"
-VERSION_LINE = b"-- Dumped from database version "
-_COPY_TABLE = re.compile(rb"COPY (.*?) \(.*\) FROM stdin;\n|COPY (.*) FROM stdin;\n")
-_HEADER = re.compile(rb"-- (?:Data for )?Name: .*; Type: ([A-Z][A-Z ]*); Schema: ")
-_COPY_LINE = re.compile(rb"COPY .* FROM stdin;\n")
-# A table name as pg_dump writes it: [schema.]table, each part a plain lower-case identifier or a
-# double-quoted one. Only names of this shape are ever put into SQL built here.
-QUALIFIED_NAME = re.compile(_QNAME)
 COPY_TAG = re.compile(rb"COPY (\d+)\r?")
-_STATE_SET = re.compile(rb"SET (default_tablespace|default_table_access_method) = [^;\n]*;\n")
-_INDEX = re.compile(rb"CREATE (?:UNIQUE )?INDEX " + _IDENT + rb" ON (?:ONLY )?(" + _QNAME + rb") USING [^\n]*;")
-_CONSTRAINT = re.compile(
-    rb"ALTER TABLE (ONLY )?(" + _QNAME + rb")\n    ADD CONSTRAINT (" + _IDENT + rb") (?!FOREIGN KEY )[^\n]*;"
-)
-_FOREIGN_KEY = re.compile(
-    rb"ALTER TABLE (ONLY )?(" + _QNAME + rb")\n    ADD CONSTRAINT (" + _IDENT + rb") FOREIGN KEY "
-    rb"\([^\n]*\) REFERENCES (" + _QNAME + rb")\([^\n]*;"
-)
-HOLD_LIMIT = 1 << 20  # a held-back entry larger than this is not one of ours
 PIPE_SIZE = 1 << 20
 # A table's COPY data is shared with a second session once this much of it went to the first: by
 # then the first session is inside its COPY, so the CREATE TABLE before it has committed.
 SPLIT_AFTER = 4 << 20
 PIECE = 512 << 10  # COPY data is handed out in pieces of whole lines of about this size
-TERMINATOR = b"\n\\.\n"
+FLUSH_AT = 256 << 10  # statements for the serial session are written in batches of this size
+PARALLEL_ENTRIES = ("INDEX", "CONSTRAINT", "FK CONSTRAINT")
+_TRANSACTION_START = (b"begin", b"start")
+_TRANSACTION_END = (b"commit", b"rollback", b"end", b"abort")
 
 
 @dataclass
 class Item:
-    """One held-back entry: ``sql`` to run after the session's preamble (it starts with the
-    dump's default_tablespace/default_table_access_method at its place); the ``tables`` it works
-    on; for a foreign key added NOT VALID, ``validate`` runs afterwards."""
+    """One held-back statement: ``sql`` (the session state at its place, then the statement); the
+    ``tables`` it works on (name parts); for a foreign key added NOT VALID, ``validate`` runs
+    afterwards; ``names`` are the tables as the dump writes them (for the cost)."""
 
     kind: str  # "build" (index, constraint) or "fk"
     sql: bytes
-    tables: frozenset[bytes]
+    tables: frozenset[tuple[bytes, ...]]
     validate: bytes | None = None
     order: int = 0
-    referenced: frozenset[bytes] = frozenset()  # a foreign key's referenced table
+    referenced: frozenset[tuple[bytes, ...]] = frozenset()
+    names: tuple[str, ...] = ()
 
 
 @dataclass
@@ -95,52 +84,97 @@ class Task:
     another task on one of ``tables`` runs."""
 
     sql: bytes
-    tables: frozenset[bytes]
+    tables: frozenset
     after: frozenset[int]
     cost: int
     order: int
 
 
-def classify(header_type: str, body: bytes, order: int, state: bytes) -> Item | None:
-    """The entry as a parallel item, or None when it is not exactly the shape expected."""
-    lines = body.split(b"\n")
-    statement: list[bytes] = []
-    sets: list[bytes] = []
-    for line in lines:
-        if not line or line.startswith(b"--"):
-            if statement and line and not statement[-1].endswith(b";"):
-                return None  # a comment inside the statement: not ours
-            continue
-        if statement and statement[-1].endswith(b";"):
-            return None  # a second statement
-        if not statement and _STATE_SET.fullmatch(line + b"\n"):
-            sets.append(line + b"\n")
-            continue
-        statement.append(line)
-    text = b"\n".join(statement)
-    if text.count(b"'") % 2 or text.count(b'"') % 2:
-        return None  # a literal spanning lines: not a shape to cut out of the stream
-    prefix = b"".join(sets)
-    if header_type == "INDEX" and (m := _INDEX.fullmatch(text)):
-        return Item("build", state + prefix + text + b"\n", frozenset([m.group(1)]), order=order)
-    if header_type == "CONSTRAINT" and (m := _CONSTRAINT.fullmatch(text)):
-        return Item("build", state + prefix + text + b"\n", frozenset([m.group(2)]), order=order)
-    if header_type == "FK CONSTRAINT" and (m := _FOREIGN_KEY.fullmatch(text)):
-        table, name, referenced = m.group(2), m.group(3), m.group(4)
-        refs = frozenset([referenced])
-        if m.group(1) and b" NOT VALID" not in text:  # ONLY: a plain table, where NOT VALID is allowed
-            add = state + prefix + text[:-1] + b" NOT VALID;\n"
-            check = state + b"ALTER TABLE " + table + b" VALIDATE CONSTRAINT " + name + b";\n"
-            return Item("fk", add, frozenset([table]), validate=check, order=order, referenced=refs)
-        return Item("fk", state + prefix + text + b"\n", frozenset([table]), order=order, referenced=refs)
-    return None
+def _words(tokens) -> list[bytes]:
+    return [token.word for token in tokens]
+
+
+def _not_valid(stmt: Statement) -> bool:
+    words = [t.word for t in stmt.tokens if t.depth == 0]
+    return any(words[i : i + 2] == [b"not", b"valid"] for i in range(len(words) - 1))
+
+
+def classify(
+    stmt: Statement, state: bytes, order: int, partitioned: set[tuple[bytes, ...]] = frozenset()
+) -> Item | None:
+    """The statement as a parallel item, or None when it is not exactly a shape pg_dump writes for
+    its entry (``stmt.header``). ``state`` is the session state to replay before it."""
+    if stmt.truncated or stmt.header not in PARALLEL_ENTRIES:
+        return None
+    tokens = stmt.tokens
+    words = _words(tokens)
+    body = stmt.raw[stmt.lead :]
+    if not body.endswith(b";"):
+        return None
+    if stmt.header == "INDEX":
+        i = 1
+        if words[:1] != [b"create"]:
+            return None
+        if words[i : i + 1] == [b"unique"]:
+            i += 1
+        if words[i : i + 1] != [b"index"] or i + 2 >= len(tokens) or tokens[i + 1].ident is None:
+            return None
+        i += 2
+        if words[i : i + 1] != [b"on"]:
+            return None
+        i += 1 + (words[i + 1 : i + 2] == [b"only"])
+        parsed = qualified_name(tokens, i)
+        if parsed is None or words[parsed[1] : parsed[1] + 1] != [b"using"]:
+            return None
+        table = parsed[0]
+        return Item("build", state + body + b"\n", frozenset([table.parts]), order=order, names=(_n(table),))
+    if words[:2] != [b"alter", b"table"]:
+        return None
+    only = words[2:3] == [b"only"]
+    parsed = qualified_name(tokens, 3 if only else 2)
+    if parsed is None:
+        return None
+    table, i = parsed
+    if words[i : i + 2] != [b"add", b"constraint"] or i + 2 >= len(tokens) or tokens[i + 2].ident is None:
+        return None
+    constraint = tokens[i + 2]
+    rest = words[i + 3 :]
+    if stmt.header == "CONSTRAINT":
+        if not rest or rest[0] == b"foreign":
+            return None
+        return Item("build", state + body + b"\n", frozenset([table.parts]), order=order, names=(_n(table),))
+    if rest[:2] != [b"foreign", b"key"] or b"references" not in rest:
+        return None
+    at = i + 3 + rest.index(b"references") + 1
+    parsed_ref = qualified_name(tokens, at)
+    if parsed_ref is None or tokens[at - 1].depth != 0:
+        return None
+    referenced = parsed_ref[0]
+    refs = frozenset([referenced.parts])
+    names = (_n(table), _n(referenced))
+    plain = only and referenced.parts not in partitioned and table.parts not in partitioned
+    if plain and not _not_valid(stmt):
+        add = state + body[:-1] + b" NOT VALID;\n"
+        check = state + b"ALTER TABLE " + table.sql() + b" VALIDATE CONSTRAINT " + constraint.raw + b";\n"
+        return Item("fk", add, frozenset([table.parts]), validate=check, order=order, referenced=refs, names=names)
+    return Item("fk", state + body + b"\n", frozenset([table.parts]), order=order, referenced=refs, names=names)
+
+
+def _n(name: Name) -> str:
+    return name.written.decode("utf-8", "replace")
 
 
 class Session:
     """A psql process reading SQL on stdin. ``on_line`` gets its stdout lines (a reader thread);
-    stderr goes to a temp file for the error message."""
+    ``on_eof`` is called when its output ends; stderr goes to a temp file for the error message."""
 
-    def __init__(self, argv: Sequence[str], env, on_line: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env,
+        on_line: Callable[[bytes], None] | None = None,
+        on_eof: Callable[[], None] | None = None,
+    ) -> None:
         self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=env, close_fds=True
@@ -151,12 +185,16 @@ class Session:
             pass
         os.set_blocking(self.proc.stdin.fileno(), False)  # send() waits with select; see _spread
         self.lines: list[bytes] = []
-        self.primed = False  # the dump's preamble was sent
         self._cond = threading.Condition()
         self._eof = False
         self._on_line = on_line
+        self._on_eof = on_eof
         self._reader = threading.Thread(target=self._read, name="psql-out", daemon=True)
         self._reader.start()
+
+    @property
+    def ended(self) -> bool:
+        return self._eof
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -170,6 +208,8 @@ class Session:
         with self._cond:
             self._eof = True
             self._cond.notify_all()
+        if self._on_eof is not None:
+            self._on_eof()
 
     def send(self, data: bytes | memoryview) -> bool:
         """Write ``data``; False when psql is gone."""
@@ -219,45 +259,46 @@ class Router:
 
     #: the argv of a psql session reading stdin, given extra psql flags (e.g. ["-q"])
     psql: Callable[[list[str]], list[str]]
-    env: dict
+    env: dict | None
     jobs: int = 2
-    #: called with (table as the dump names it, rows in the file) as each COPY block ends
-    on_block: Callable[[bytes, int], None] = lambda table, rows: None
+    #: called with (table, rows in the file) as each COPY block ends
+    on_block: Callable[[Name, int], None] = lambda table, rows: None
     #: called with (block index, rows) once the server committed a COPY block (psql's tags)
     on_loaded: Callable[[int, int], None] = lambda block, rows: None
     #: rows loaded so far per table (as the dump names it): the longest work goes first
     rows: Callable[[], dict[str, int]] = dict
+    #: leave out ownership (ALTER ... OWNER TO, SET SESSION AUTHORIZATION), as pg_restore --no-owner
+    no_owner: bool = False
+    #: leave out GRANT/REVOKE/ALTER DEFAULT PRIVILEGES, as pg_restore --no-privileges
+    no_privileges: bool = False
 
 
-class SqlRouter(Sink):
+class SqlRouter(Sink, DumpReader):
     """The sink of a decoded plain-SQL dump stream; see the module docstring. ``failure`` holds
-    the StageFailed of a session that stopped (the rest of the stream is then drained unread)."""
+    the error of a session that stopped, or the reader's refusal (the rest of the stream is then
+    read for the dump check only)."""
 
     name = "psql (load)"
 
     def __init__(self, router: Router) -> None:
-        super().__init__()
+        Sink.__init__(self)
+        DumpReader.__init__(self)
         self.r = router
         self.serial: Session | None = None
+        self.out = bytearray()  # statements waiting to be written to the serial session
         self.sessions_started = 0
-        self.failure: StageFailed | None = None
-        self.copying = False
-        self.carry = b""
-        self.pending = b""
-        self.preamble = bytearray()
-        self.in_preamble = True
+        self.failure: StageFailed | VerificationFailed | None = None
         self.state: dict[bytes, bytes] = {}
-        self.in_order_only = router.jobs < 2
-        self.holding: bytearray | None = None
-        self.holding_type = ""
-        self.holding_state = b""
         self.batch: list[Item] = []
-        self.entries = 0
+        self.statements = 0
+        self.in_transaction = False
+        self.skipped = 0
         self.token = secrets.token_hex(8).encode()
         self.parallel_items = 0
-        # COPY blocks: index, the COPY line, bytes so far; a block shared with ``helper``
+        # COPY blocks: index, the COPY statement, bytes so far; a block shared with ``helper``
         self.block = -1
-        self.copy_line = b""
+        self.copy_sql = b""
+        self.copy_shareable = False
         self.block_bytes = 0
         self.split = False
         self.helper: Session | None = None
@@ -268,53 +309,86 @@ class SqlRouter(Sink):
         self.serial_tags = 0
         self.helper_tags = 0
         self.parts: dict[int, list[int]] = {}
-        # the dump check, as INSPECT_AWK does it (lib/engines/postgres.py): see summary()
-        self.summary_lines: list[bytes] = []
-        self.table = b""
-        self.rows = 0
-        self.complete = False
 
     # -- the stream ----------------------------------------------------------------------------
     def write(self, data: memoryview) -> None:
-        super().write(data)
+        Sink.write(self, data)
         # After a failure nothing is sent any more, but the stream is still read and checked to
         # its end: the file's verdict (damaged or not) explains a failed load best.
-        buf = self.pending + bytes(data)
-        self.pending = b""
-        pos = 0
-        while pos < len(buf):
-            if self.copying:
-                pos = self._copy(buf, pos)
-                continue
-            end = buf.rfind(b"\n", pos) + 1
-            if end <= pos:
-                self.pending = buf[pos:]
-                return
-            pos = self._sql(buf, pos, end)
-            if not self.copying and pos == end and end < len(buf):
-                self.pending = buf[end:]
-                return
+        self.feed(data)
 
-    def _copy(self, buf: bytes, pos: int) -> int:
-        probe = self.carry + buf[pos : pos + 3]
-        hit = probe.find(TERMINATOR)
-        if hit >= 0:
-            end = pos + hit + len(TERMINATOR) - len(self.carry)
-        else:
-            found = buf.find(TERMINATOR, pos)
-            end = found + len(TERMINATOR) if found >= 0 else -1
-        if end < 0:
-            self.rows += buf.count(b"\n", pos)
-            self._copy_data(buf, pos, len(buf), last=False)
-            self.carry = (self.carry + buf[pos:])[-3:]
-            return len(buf)
-        self.rows += buf.count(b"\n", pos, end) - 1  # not the end-of-data line
-        self.summary_lines.append(b"T\t" + self.table + b"\t" + str(self.rows).encode())
-        self.r.on_block(self.table, self.rows)
-        self._copy_data(buf, pos, end, last=True)
-        self.copying = False
-        return end
+    def refuse(self, problem: str) -> None:
+        DumpReader.refuse(self, problem)
+        if self.failure is None:
+            self.failure = VerificationFailed(f"the dump was not run: {problem}")
+        self.out.clear()
 
+    def statement(self, stmt: Statement) -> None:
+        self.statements += 1
+        key = stmt.state_key()
+        if key is not None:
+            if self.r.no_owner and key == b"session authorization":
+                self.skipped += 1
+                return
+            self._set_state(key, stmt.raw[stmt.lead :] + b"\n")
+            self._to_serial(stmt.raw)
+            return
+        if self._left_out(stmt):
+            self.skipped += 1
+            return
+        first = stmt.first
+        if first in _TRANSACTION_START and not self.in_transaction:
+            self._sync()
+            self.in_transaction = True
+        elif first in _TRANSACTION_END:
+            self.in_transaction = False
+        if self.r.jobs > 1 and not self.in_transaction and stmt.header in PARALLEL_ENTRIES:
+            item = classify(stmt, self._state_sql(), self.statements, self.partitioned)
+            if item is not None:
+                self.batch.append(item)
+                return
+        self._sync()
+        self._to_serial(stmt.raw)
+        if stmt.copy_table is not None:
+            self.block += 1
+            self.copy_sql = stmt.raw[stmt.lead :]
+            self.copy_shareable = stmt.header == "TABLE DATA" and not self.in_transaction and self.r.jobs > 1
+            self.block_bytes, self.split = 0, False
+
+    def _left_out(self, stmt: Statement) -> bool:
+        """Ownership or privilege statements left out by no_owner / no_privileges."""
+        if self.r.no_owner and stmt.first == b"alter":
+            top = [t.word for t in stmt.tokens if t.depth == 0]
+            if top[-3:-1] == [b"owner", b"to"]:
+                return True
+        if self.r.no_privileges:
+            words = stmt.words(3)
+            return words[0] in (b"grant", b"revoke") or words == [b"alter", b"default", b"privileges"]
+        return False
+
+    def _set_state(self, key: bytes, sql: bytes) -> None:
+        if key == b"all":  # RESET ALL
+            self.state.clear()
+        self.state.pop(key, None)
+        self.state[key] = sql
+
+    def _state_sql(self) -> bytes:
+        return b"".join(self.state.values())
+
+    def meta(self, raw: bytes, command: bytes) -> None:
+        """\\restrict / \\unrestrict: not passed on (see the module docstring)."""
+
+    def copy_data(self, data: bytes, start: int, end: int, last: bool) -> None:
+        self._copy_data(data, start, end, last)
+
+    def copy_end(self, table: Name, rows: int) -> None:
+        self.r.on_block(table, rows)
+
+    def _sync(self) -> None:
+        if self.batch:
+            self._run_batch()
+
+    # -- COPY data -----------------------------------------------------------------------------
     def _copy_data(self, buf: bytes, start: int, end: int, last: bool) -> None:
         """COPY rows buf[start:end] (ending with the end-of-data line when ``last``): to the serial
         session, or, once a block is big, spread over it and the helper session in pieces of
@@ -323,7 +397,7 @@ class SqlRouter(Sink):
             small = self.block_bytes + (end - start) <= SPLIT_AFTER
             newline = -1 if small else buf.find(b"\n", start, min(end, start + PIECE))
             # newline < 0: a line longer than a piece; such a block stays in one session
-            if self.in_order_only or last or newline < 0 or self.failure is not None:
+            if not self.copy_shareable or last or newline < 0 or self.failure is not None:
                 self.block_bytes += end - start
                 self._to_serial(memoryview(buf)[start:end])
                 return
@@ -365,18 +439,20 @@ class SqlRouter(Sink):
         return pieces
 
     def _start_split(self) -> None:
+        self._flush()
         if self.helper is None:
-            self.helper = self._start(self._helper_line, quiet=False)
-            self.helper.send(bytes(self.preamble) + b"".join(self.state.values()))
+            self.helper = self._start(self._helper_line, quiet=False, on_eof=self._helper_eof)
         with self._tags:
             self.split_blocks.append(self.block)
             self.split = True
-        if not self.helper.send(self.copy_line):
+        # the session state at this block (it may differ from the last block's), then its COPY
+        if not self.helper.send(self._state_sql() + self.copy_sql):
             self._helper_failed()
 
     def _spread(self, pieces: list) -> None:
         """Write ``pieces`` (whole lines each) to the serial and helper sessions, each to whichever
         pipe has room: the faster session gets more."""
+        self._flush()
         sessions = [self.serial, self.helper]
         if any(session is None for session in sessions):
             return
@@ -417,13 +493,15 @@ class SqlRouter(Sink):
             return
         self.split = False
         with self._tags:
-            while self.helper_tags < len(self.split_blocks):
-                if self.helper.proc.poll() is not None:
-                    break
-                self._tags.wait(0.05)
+            while self.helper_tags < len(self.split_blocks) and not self.helper.ended:
+                self._tags.wait()  # the helper's reader notifies on each tag and at its end
             done = self.helper_tags >= len(self.split_blocks)
         if not done:
             self._helper_failed()
+
+    def _helper_eof(self) -> None:
+        with self._tags:
+            self._tags.notify_all()
 
     def _helper_failed(self) -> None:
         helper, self.helper = self.helper, None
@@ -456,133 +534,34 @@ class SqlRouter(Sink):
         if len(parts) == (2 if block in self.split_blocks else 1):
             self.r.on_loaded(block, sum(parts))
 
-    def _sql(self, buf: bytes, start: int, end: int) -> int:
-        cur = start
-        for match in _MARK.finditer(buf, start, end):
-            at = match.start()
-            self._route(buf[cur:at])
-            line_end = buf.index(b"\n", at) + 1
-            line = buf[at:line_end]
-            cur = line_end
-            if self._line(line):  # a COPY line: data follows
-                return line_end
-        self._route(buf[cur:end])
-        return end
-
-    def _line(self, line: bytes) -> bool:
-        """Handle a marked line; True when it starts COPY data."""
-        if line.startswith(b"COPY ") and _COPY_LINE.fullmatch(line):
-            if self.holding is not None:
-                self._release_held()
-            if self.in_preamble:  # data before any pg_dump entry header: not a stream to reorder
-                self._in_order_from_now()
-            self._to_serial(line)
-            named = _COPY_TABLE.fullmatch(line)
-            self.table = (named.group(1) or named.group(2)) if named else line[5:-1]
-            self.rows, self.complete = 0, False
-            self.block += 1
-            self.copy_line, self.block_bytes, self.split = line, 0, False
-            self.copying, self.carry = True, b"\n"
-            return True
-        if line == END_MARKER:
-            self._route(line)
-            self.complete = True
-            return False
-        if self.complete and not line.startswith(b"\\unrestrict "):
-            self.complete = False
-        if line.startswith(VERSION_LINE):
-            self.summary_lines.append(b"V\t" + line[len(VERSION_LINE) : -1])
-        if line.startswith(b"-- "):
-            header = _HEADER.match(line)
-            if header is None:
-                self._route(line)
-                return False
-            self._entry(header.group(1).decode().strip(), line)
-            return False
-        if state := _STATE_SET.fullmatch(line):
-            self.state[state.group(1)] = line
-        elif line.startswith(b"\\unrestrict ") and self.holding is not None:
-            return False  # the held entries' sessions end restricted; that is fine
-        elif not self.in_preamble and not line.startswith(b"\\restrict "):
-            self._in_order_from_now()  # SET ROLE, \connect, a search_path change...: one session
-        self._route(line)
-        return False
-
-    def _entry(self, kind: str, header: bytes) -> None:
-        self._finish_held()
-        if self.in_preamble:
-            self.in_preamble = False
-        self.entries += 1
-        if not self.in_order_only and kind in ("INDEX", "CONSTRAINT", "FK CONSTRAINT"):
-            self.holding = bytearray(header)
-            self.holding_type = kind
-            self.holding_state = b"".join(self.state.values())
-            return
-        if self.batch:
-            self._run_batch()
-        self._to_serial(header)
-
-    def _route(self, data: bytes) -> None:
-        if not data:
-            return
-        if self.complete:  # after the end marker only blank lines, '--' and \unrestrict may follow
-            lines = data.split(b"\n")
-            if any(x not in (b"", b"--") and not x.startswith(b"\\unrestrict ") for x in lines):
-                self.complete = False
-        if self.holding is not None:
-            self.holding += data
-            if len(self.holding) > HOLD_LIMIT:
-                self._release_held()
-            return
-        if self.in_preamble:
-            if len(self.preamble) + len(data) > HOLD_LIMIT:  # no pg_dump preamble is this long
-                self._in_order_from_now()
-                self.in_preamble, self.preamble = False, bytearray()
-            else:
-                self.preamble += data
-        self._to_serial(data)
-
-    def _finish_held(self) -> None:
-        if self.holding is None:
-            return
-        item = classify(self.holding_type, bytes(self.holding), self.entries, self.holding_state)
-        if item is None:
-            self._release_held()
-            return
-        self.batch.append(item)
-        self.holding = None
-
-    def _release_held(self) -> None:
-        """The held entry is not ours: run what is batched, then the entry, in order."""
-        held, self.holding = self.holding, None
-        if self.batch:
-            self._run_batch()
-        self._to_serial(bytes(held or b""))
-
-    def _in_order_from_now(self) -> None:
-        if self.in_order_only:
-            return
-        self._finish_held()
-        if self.batch:
-            self._run_batch()
-        self.in_order_only = True
-
     # -- sessions ------------------------------------------------------------------------------
-    def _start(self, on_line: Callable[[bytes], None] | None, quiet: bool) -> Session:
+    def _start(
+        self, on_line: Callable[[bytes], None] | None, quiet: bool, on_eof: Callable[[], None] | None = None
+    ) -> Session:
         self.sessions_started += 1
-        return Session(self.r.psql(["-q", "-A", "-t"] if quiet else []), self.r.env, on_line)
+        return Session(self.r.psql(["-q", "-A", "-t"] if quiet else []), self.r.env, on_line, on_eof)
 
     def _to_serial(self, data: bytes | memoryview) -> None:
         if not data or self.failure is not None:
             return
+        self.out += data
+        if len(self.out) >= FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.out or self.failure is not None:
+            self.out.clear()
+            return
         if self.serial is None:
             self.serial = self._start(self._serial_line, quiet=False)
-            if self.sessions_started > 1:  # a later session: replay the preamble and state
-                self.serial.send(bytes(self.preamble) + b"".join(self.state.values()))
+            if self.sessions_started > 1:  # a later session: the state in force here first
+                self.serial.send(self._state_sql())
+        data, self.out = bytes(self.out), bytearray()
         if not self.serial.send(data):
             self._close_serial()
 
     def _close_serial(self) -> None:
+        self._flush()
         if self.serial is None:
             return
         session, self.serial = self.serial, None
@@ -601,9 +580,9 @@ class SqlRouter(Sink):
         self.parallel_items += len(batch)
         rows = self.r.rows()
         tasks: list[Task] = []
-        builds: dict[bytes, list[int]] = {}
+        builds: dict[tuple[bytes, ...], list[int]] = {}
         for item in sorted(batch, key=lambda item: item.kind != "build"):  # builds first: deps point back
-            cost = max(rows.get(table.decode("utf-8", "replace"), 0) for table in item.tables | item.referenced)
+            cost = max(rows.get(name, 0) for name in item.names)
             if item.kind == "build":
                 for table in item.tables:
                     builds.setdefault(table, []).append(len(tasks))
@@ -632,7 +611,7 @@ class SqlRouter(Sink):
         others then take no new task)."""
         waiting = sorted(range(len(tasks)), key=lambda i: (-tasks[i].cost, tasks[i].order))
         done: set[int] = set()
-        busy: set[bytes] = set()
+        busy: set = set()
         cond = threading.Condition()
         errors: list[int] = []
 
@@ -653,9 +632,7 @@ class SqlRouter(Sink):
                         cond.wait()
                 count += 1
                 marker = b"pgsplit-" + self.token + b"-%d-%d" % (index, count)
-                sql = (b"" if session.primed else bytes(self.preamble)) + tasks[pick].sql
-                session.primed = True
-                ok = session.run(sql, marker)
+                ok = session.run(tasks[pick].sql, marker)
                 with cond:
                     busy.difference_update(tasks[pick].tables)
                     done.add(pick)
@@ -674,21 +651,10 @@ class SqlRouter(Sink):
         if self.failure is not None:
             raise self.failure
 
-    def summary(self) -> bytes:
-        """The dump check's verdict on the whole stream, in INSPECT_AWK's format (version line,
-        a line per COPY block, then whether the data of a table never ended or the dump ended
-        with its end marker), for Postgres.check_summary."""
-        end = b"OPEN\t" + self.table if self.copying else b"END\t" + (b"1" if self.complete else b"0")
-        return b"\n".join([*self.summary_lines, end]) + b"\n"
-
     def close(self) -> None:
-        if self.pending and not self.copying:
-            data, self.pending = self.pending + b"\n", b""
-            self._sql(data, 0, len(data))
+        DumpReader.close(self)
         if self.failure is None:
-            self._finish_held()
-            if self.batch:
-                self._run_batch()
+            self._sync()
         self._close_serial()
         if self.helper is not None:
             code, text = self.helper.close()

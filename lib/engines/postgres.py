@@ -9,41 +9,29 @@ import concurrent.futures
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from lib.config import DatabaseSpec
-from lib.engines import register
+from lib.engines import pgdatabase, register
 from lib.engines.base import Engine, RestoreRequest
+from lib.engines.pgdump import unfield
 from lib.engines.pgload import LoadWatch
 from lib.engines.pgsplit import Router, Session, SqlRouter
-from lib.errors import RunFailed, StageFailed, ToolError, VerificationFailed
-from lib.exec import Place, child_env, require_binary
+from lib.errors import InputError, RunFailed, StageFailed, ToolError, VerificationFailed
+from lib.exec import Place
 from lib.store import utcnow
 from lib.stream import Background, PipelineResult, Stage, TailSink, Tap, run_pipeline, run_tapped
 
 END_MARKER = "-- PostgreSQL database dump complete"
 log = logging.getLogger("backup")
-
-# Reads a plain SQL dump on stdin; prints the server version, one "T<tab>table<tab>rows" line
-# per COPY block, and a closing line saying whether the dump ended properly. COPY text format
-# escapes newlines, so one line is one row.
-INSPECT_AWK = r"""
-BEGIN { incopy = 0; complete = 0 }
-incopy { if ($0 == "\\.") { print "T\t" tbl "\t" n; fflush(); incopy = 0 } else n++; next }
-/^COPY .* FROM stdin;$/ {
-  tbl = $0; sub(/^COPY /, "", tbl); sub(/ \(.*\) FROM stdin;$/, "", tbl); sub(/ FROM stdin;$/, "", tbl)
-  n = 0; incopy = 1; complete = 0; next
-}
-/^-- Dumped from database version / { v = $0; sub(/^-- Dumped from database version /, "", v); print "V\t" v }
-$0 == "-- PostgreSQL database dump complete" { complete = 1; next }
-complete && ($0 == "" || $0 == "--" || $0 ~ /^\\unrestrict /) { next }
-{ complete = 0 }
-END { if (incopy) print "OPEN\t" tbl; else print "END\t" complete }
-"""
-
+# The dump check stage: lib/engines/pgdump.py run isolated (-I: no site packages, no environment
+# variables, no current directory on the path), reading the dump on stdin.
+READER = Path(__file__).resolve().parent / "pgdump.py"
 
 # The restored database's regular and partitioned tables and materialized views, one line each: hex-encoded (so no
 # character in a name can confuse the parsing) quote_ident form, every-part-quoted form, and the
@@ -123,10 +111,19 @@ class Postgres(Engine):
 
     def preflight(self, db: DatabaseSpec, place: Place) -> None:
         place.check(self.host_binaries)
-        require_binary("awk")  # verification always runs on this host
+
+    def capture(self, db: DatabaseSpec, place: Place) -> dict[str, Any]:
+        """The database's own properties (pgdatabase.CAPTURE_SQL), read in the backup run and
+        stored in the record as ``database_properties``."""
+        maint = db.options.get("maintenance_database", "postgres")
+        out = self.psql(db, place, maint, pgdatabase.capture_sql(db.database), "psql (read database properties)")
+        props = pgdatabase.parse(out)
+        return {"database_properties": props} if props else {}
 
     def dump_stages(self, db: DatabaseSpec, place: Place) -> list[Stage]:
-        command = ["pg_dump", "--no-owner", "--no-acl"]
+        # Owners and privileges are kept (as the old scripts' dumps did); a restore onto a server
+        # without the roles leaves them out with --no-owner / --no-privileges.
+        command = ["pg_dump"]
         if self.fmt(db) == "custom":
             command += ["-Fc"]
             if db.options.get("compression_level"):
@@ -143,35 +140,61 @@ class Postgres(Engine):
                 stages.append(Stage("pg_restore (read back)", ["pg_restore", "-f", "-"]))
             else:
                 stages.append(Stage("pg_restore (read back)", place.argv(["pg_restore", "-f", "-"]), env=place.env()))
-        # mawk in the C locale reads ~4x faster than gawk in a UTF-8 one; the script is byte-safe.
-        awk = "mawk" if shutil.which("mawk") else "awk"
-        stages.append(Stage("dump check (awk)", [awk, INSPECT_AWK], env=child_env({"LC_ALL": "C"})))
+        stages.append(Stage("dump check", [sys.executable, "-I", str(READER)]))
         return stages
 
-    def verify_checks(self, db: DatabaseSpec) -> list[str]:
-        checks = ["dump-complete", "copy-blocks-closed", "row-counts"]
+    def verify_checks(self, db: DatabaseSpec, meta: Mapping[str, Any] | None = None) -> list[str]:
+        """The checks done; ``row-counts`` only when the dump held table data that was counted
+        (COPY blocks or INSERT statements), else ``no-table-data``: a check that counted nothing
+        is not reported as passed."""
+        counted = (meta or {}).get("row_counts", "copy")
+        checks = ["dump-complete", "copy-blocks-closed", "psql-meta-commands"]
+        checks.append("no-table-data" if counted == "none" else "row-counts")
         return (["pg_restore-readable"] + checks) if self.fmt(db) == "custom" else checks
 
     def check_summary(self, db: DatabaseSpec, summary: bytes) -> dict[str, Any]:
+        """Judge the dump reader's summary (pgdump.DumpReader.summary). Raises VerificationFailed
+        for a truncated or unfinished dump, or one holding what pg_dump never writes."""
         tables: dict[str, int] = {}
+        inserted: dict[str, int] = {}
+        roles: dict[str, list[str]] = {}
         version = None
         end = None
+        expected = None
         for line in summary.decode("utf-8", "replace").splitlines():
             kind, _, rest = line.partition("\t")
-            if kind == "T":
+            if kind in ("T", "I"):
                 table, _, rows = rest.rpartition("\t")
-                tables[table] = tables.get(table, 0) + int(rows)
+                counts = tables if kind == "T" else inserted
+                counts[unfield(table)] = counts.get(unfield(table), 0) + int(rows)
+            elif kind == "R":
+                category, _, role = rest.partition("\t")
+                roles.setdefault(category, []).append(unfield(role))
             elif kind == "V":
-                version = rest
+                version = unfield(rest)
+            elif kind == "N":
+                expected = int(rest.split("\t")[0])
+            elif kind == "BAD":
+                raise VerificationFailed(f"not a pg_dump file: {unfield(rest)}")
             elif kind == "OPEN":
-                raise VerificationFailed(f"dump is truncated: the data of table {rest} never ends")
+                raise VerificationFailed(f"dump is truncated: the data of table {unfield(rest)} never ends")
             elif kind == "END":
                 end = rest
         if end is None:
             raise VerificationFailed("dump check produced no result; the dump stream was empty")
         if end != "1":
             raise VerificationFailed(f"dump is incomplete: the '{END_MARKER}' marker is missing at its end")
-        return {"tables": tables, "server_version": version}
+        if expected is not None and expected != len(tables) + len(inserted):
+            raise VerificationFailed("the dump check's summary was cut short; its tables cannot all be checked")
+        kinds = [name for name, found in (("copy", tables), ("insert", inserted)) if found]
+        for table, rows in inserted.items():
+            tables[table] = tables.get(table, 0) + rows
+        meta: dict[str, Any] = {"tables": tables, "server_version": version, "row_counts": "+".join(kinds) or "none"}
+        if inserted:
+            meta["inserted_tables"] = sorted(inserted)
+        if roles:
+            meta["roles"] = {category: sorted(names) for category, names in roles.items()}
+        return meta
 
     # -- restore -----------------------------------------------------------------------------
     def replace_note(self, drop_previous: bool) -> str:
@@ -186,40 +209,29 @@ class Postgres(Engine):
         target = request.target
         temp = self.derived_name(target, f"_restoring_{stamp}")
         previous = self.derived_name(target, f"_pre_restore_{stamp}")
-        exists = (
-            self.psql(
-                db,
-                place,
-                maint,
-                f"SELECT 1 FROM pg_database WHERE datname = {quote_literal(target)};",
-                "psql (look up target)",
-            ).strip()
-            == "1"
-        )
-        template = ""
-        if exists:
-            row = self.psql(
-                db,
-                place,
-                maint,
-                "SELECT pg_encoding_to_char(encoding) || '|' || datcollate || '|' || datctype "
-                f"FROM pg_database WHERE datname = {quote_literal(target)};",
-                "psql (read target settings)",
-            ).strip()
-            encoding, collate, ctype = row.split("|")
-            template = f" ENCODING {quote_literal(encoding)} LC_COLLATE {quote_literal(collate)} LC_CTYPE {quote_literal(ctype)}"
+        current = pgdatabase.parse(self.psql(db, place, maint, pgdatabase.capture_sql(target), "psql (look up target)"))
+        exists = current is not None
+        # The backed-up database's own properties (owner, locale, settings, privileges...); a
+        # backup without them (older records, the old scripts' files) keeps the target's.
+        props = request.record.get("database_properties") or current
+        self._check_roles(request, props)  # before anything is touched
+        options = f" {pgdatabase.create_options(props, request.no_owner)}" if props else ""
         log.info("restoring into temporary database %s", temp)
         self.psql(
             db,
             place,
             maint,
-            f"CREATE DATABASE {quote_ident(temp)} TEMPLATE template0{template};",
+            f"CREATE DATABASE {quote_ident(temp)} TEMPLATE template0{options};",
             "psql (create database)",
         )
         started = time.monotonic()
         try:
             watch = self._load(request, temp)
             counts = self._check_restored(request, temp, watch)
+            if props:  # settings, limits and privileges last: they could get in the load's way
+                sql = pgdatabase.apply_sql(props, temp, request.no_owner, request.no_privileges)
+                if sql:
+                    self.psql(db, place, maint, sql, "psql (database properties)")
         except BaseException:
             log.error("restore failed; dropping temporary database %s, %s is untouched", temp, target)
             self._drop(db, place, maint, temp)
@@ -248,6 +260,48 @@ class Postgres(Engine):
             "seconds": round(seconds, 3),
         }
 
+    def _check_roles(self, request: RestoreRequest, props: Mapping[str, Any] | None) -> None:
+        """Roles the backup needs (object owners, grantees, the database's owner and settings) that
+        this server lacks: one InputError naming them and the flag that leaves them out."""
+        needed: dict[str, set[str]] = {"owner": set(), "acl": set(), "other": set()}
+        recorded = request.record.get("engine_meta", {}).get("roles", {})
+        for category, names in recorded.items():
+            needed.setdefault(category, set()).update(str(n) for n in names)
+        for category, names in (pgdatabase.roles(props) if props else {}).items():
+            needed[category].update(names)
+        if request.no_owner:
+            needed["owner"] = set()
+        if request.no_privileges:
+            needed["acl"] = set()
+        wanted = sorted(set().union(*needed.values()))
+        if not wanted:
+            return
+        listed = ", ".join(quote_literal(name) for name in wanted)
+        maint = request.db.options.get("maintenance_database", "postgres")
+        out = self.psql(
+            request.db,
+            request.place,
+            maint,
+            f"SELECT encode(convert_to(rolname, 'UTF8'), 'hex') FROM pg_catalog.pg_roles WHERE rolname IN ({listed});",
+            "psql (look up roles)",
+        )
+        present = {bytes.fromhex(line).decode() for line in out.split()}
+        missing = {category: sorted(names - present) for category, names in needed.items() if names - present}
+        if not missing:
+            return
+        parts, flags = [], []
+        for category, label, flag in (
+            ("owner", "owners", "--no-owner"),
+            ("acl", "privileges", "--no-privileges"),
+            ("other", "policies or settings", None),
+        ):
+            if missing.get(category):
+                parts.append(f"{label}: {', '.join(missing[category])}")
+                if flag:
+                    flags.append(flag)
+        how = "create them first" + (f", or restore with {' '.join(flags)}" if flags else "")
+        raise InputError(f"the backup needs roles this server lacks ({'; '.join(parts)}); {how}; nothing was touched")
+
     @staticmethod
     def derived_name(target: str, suffix: str) -> str:
         """target + suffix within PostgreSQL's 63-byte identifier limit, cutting the target, never the suffix."""
@@ -271,9 +325,12 @@ class Postgres(Engine):
         options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), settings]))
         place = replace(request.place, secrets={**request.place.secrets, "PGOPTIONS": options})
         conn = self.conn_args(db, temp)
-        if self.fmt(db) == "custom":
+        fmt = request.record.get("dump_format") or ("custom" if ".dump" in request.source.name else "plain")
+        if fmt == "custom":
             jobs = int(db.options.get("restore_jobs", 2))
-            base = ["pg_restore", "--exit-on-error", "--no-owner", "--no-acl", *conn]
+            base = ["pg_restore", "--exit-on-error", *conn]
+            base += ["--no-owner"] if request.no_owner else []
+            base += ["--no-privileges"] if request.no_privileges else []
             if request.source_is_raw and not place.container and jobs > 1:
                 # pg_restore --jobs reads the file itself: verify it alongside with a read of its own
                 verification = Background(lambda: request.gate(None, None, True)) if request.gate else None
@@ -305,10 +362,12 @@ class Postgres(Engine):
                     on_loaded=watch.on_loaded,
                     on_block=watch.on_block,
                     rows=watch.rows_by_table,
+                    no_owner=request.no_owner,
+                    no_privileges=request.no_privileges,
                 )
             )
-            # The router reads every line outside the COPY data and finds each block's end: it
-            # does the dump check itself (INSPECT_AWK's rules), so no second reader is needed.
+            # The router reads the stream with the dump reader (pgdump.DumpReader): it does the dump
+            # check itself, so no second reader is needed.
             try:
                 result = run_pipeline(request.decode or [_cat()], router, source=request.source)
             finally:
@@ -360,25 +419,26 @@ class Postgres(Engine):
                 + ", ".join(missing[:10])
                 + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
             )
+        loaded: dict[str, int] = {}
         if watch is not None:
             problems = watch.mismatches()
             if problems:
                 raise RunFailed("the server loaded other row counts than the file holds: " + "; ".join(problems[:5]))
-            loaded = watch.rows_by_table()
-            found = {t: loaded.get(t, 0) for t in expected}
+            loaded = {t: n for t, n in watch.rows_by_table().items() if t in expected}
             done = {present[t] for t in watch.analyzed if t in present}
             todo = [t for t in sorted(set(present.values())) if t not in done or t in with_expressions]
-            sizes = {present[t]: n for t, n in loaded.items() if t in present}
-            self._analyze(db, place, temp, todo, sizes)
         else:
-            names = sorted(expected)
-            counting = [f"SELECT {i}, count(*) FROM {present[t]}" for i, t in enumerate(names)]
-            count_sql = "\nUNION ALL\n".join(counting) + ";\n" if counting else ""
-            sizes = {present[t]: n for t, n in expected.items()}
-            out = self._analyze(db, place, temp, sorted(set(present.values())), sizes, count_sql)
-            found = {}
-            for line in out.splitlines():
-                index, _, rows = line.partition("|")
+            todo = sorted(set(present.values()))
+        # tables whose rows the load did not report (INSERT dumps, pg_restore): count them
+        names = sorted(t for t in expected if t not in loaded)
+        counting = [f"SELECT {i}, count(*) FROM {present[t]}" for i, t in enumerate(names)]
+        count_sql = "\nUNION ALL\n".join(counting) + ";\n" if counting else ""
+        sizes = {present[t]: n for t, n in expected.items()}
+        out = self._analyze(db, place, temp, todo, sizes, count_sql)
+        found = dict(loaded)
+        for line in out.splitlines():
+            index, _, rows = line.partition("|")
+            if rows:
                 found[names[int(index)]] = int(rows)
         wrong = [f"{t}: {found.get(t)} rows, expected {n}" for t, n in expected.items() if found.get(t) != n]
         if wrong:
