@@ -76,11 +76,14 @@ INSERT INTO messages (sender, body, sent)
 
 def table_checksums(dbname: str) -> dict[str, str]:
     """Per-table content checksum (md5 over rows in a stable order) for round-trip comparisons."""
-    tables = psql(
-        "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables "
-        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1;",
-        dbname,
-    ).splitlines()
+    tables = [  # hex-encoded: a table name may hold a newline
+        bytes.fromhex(line).decode()
+        for line in psql(
+            "SELECT encode(convert_to(quote_ident(schemaname) || '.' || quote_ident(tablename), 'UTF8'), 'hex') "
+            "FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1;",
+            dbname,
+        ).split()
+    ]
     result = {}
     for table in tables:
         result[table] = psql(
@@ -124,6 +127,16 @@ def sample_db(scratch_db):
     return scratch_db.load_sample()
 
 
+def tool_faketime(moment: str) -> dict[str, str]:
+    """Environment that makes the tool (and only the tool: not pytest, not the test servers) see
+    ``moment`` as the current date and time, through libfaketime. Used to check that the suite
+    passes whatever the date: TEST_TOOL_FAKETIME='2026-11-01 03:00:00' (a Sunday and the 1st)."""
+    lib = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+    if not lib.exists():
+        raise pytest.UsageError("TEST_TOOL_FAKETIME needs libfaketime: apt-get install faketime")
+    return {"LD_PRELOAD": str(lib), "FAKETIME": f"@{moment}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
 def with_fixed_tier(args) -> list[str]:
     """``args`` of an invoke run, with ``--tier daily`` added to a ``backup`` task that names no
     tier (see Workspace.invoke)."""
@@ -147,6 +160,8 @@ class Workspace:
         self.env["PATH"] = f"{DOUBLES}{os.pathsep}{self.env.get('PATH', '')}"
         self.env["DOCKER_DOUBLE_LOG"] = str(path / "docker-calls.log")
         self.env["HOME"] = str(path / "home")
+        if os.environ.get("TEST_TOOL_FAKETIME"):  # e.g. '2026-11-01 03:00:00': the tool runs on that date
+            self.env.update(tool_faketime(os.environ["TEST_TOOL_FAKETIME"]))
         (path / "home").mkdir(mode=0o700, exist_ok=True)
 
     @property

@@ -97,7 +97,10 @@ class SshServer:
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
         log = open(self.base / "sshd.log", "ab")  # noqa: SIM115 - kept for the server's lifetime
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log)
+        # A faked clock (faketime's LD_PRELOAD, when the suite is run under it to try other dates)
+        # is for the tool, not for the server it talks to: sshd does not start under it.
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("FAKETIME")}
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -40,9 +40,10 @@ TERMINATOR = b"\n\\.\n"
 # stops the skip.
 _SKIP = re.compile(rb"[^A-Za-z_\x80-\xff\"'$\-/\\;(),.]+")
 _WORD = re.compile(rb"[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*")
-_STD_STRING = re.compile(rb"'(?:[^']+|'')*'")
-_ESC_STRING = re.compile(rb"'(?:[^'\\]+|\\.|'')*'", re.S)
-_QUOTED = re.compile(rb'"(?:[^"]+|"")*"')
+# possessive (no backtracking): an unterminated literal fails in linear time
+_STD_STRING = re.compile(rb"'(?:[^']++|'')*+'")
+_ESC_STRING = re.compile(rb"'(?:[^'\\]++|\\.|'')*+'", re.S)
+_QUOTED = re.compile(rb'"(?:[^"]++|"")*+"')
 _DOLLAR = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
 _DOLLAR_PREFIX = re.compile(rb"\$[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*\Z|\$\Z")
 _NESTED = re.compile(rb"/\*|\*/")
@@ -470,6 +471,8 @@ class DumpReader:
                 self.begin_depth -= 1
         if lower == b"values" and self.depth == 0 and self.tokens and self.tokens[0].word == b"insert":
             self.in_values = True
+            if self.tokens[-1].word == b"default":  # INSERT ... DEFAULT VALUES: one row
+                self.values_rows += 1
         self._token(WORD, word, pos)
 
     def _comment(self, line: bytes) -> None:
@@ -544,7 +547,7 @@ class DumpReader:
         words = stmt.words(3)
         tokens = stmt.tokens
         if words[:2] == [b"set", b"standard_conforming_strings"] and len(tokens) > 2:
-            value = (tokens[-2].text if tokens[-2].kind == STRING else tokens[-2].word) or b""
+            value = (tokens[-1].text if tokens[-1].kind == STRING else tokens[-1].word) or b""
             self.std_strings = value.lower() not in (b"off", b"false", b"0")
         top = [t for t in tokens if t.depth == 0]
         top_words = [t.word for t in top]

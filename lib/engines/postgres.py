@@ -431,7 +431,8 @@ class Postgres(Engine):
             todo = sorted(set(present.values()))
         # tables whose rows the load did not report (INSERT dumps, pg_restore): count them
         names = sorted(t for t in expected if t not in loaded)
-        counting = [f"SELECT {i}, count(*) FROM {present[t]}" for i, t in enumerate(names)]
+        # ONLY: a table's own rows, not those of tables that inherit from it
+        counting = [f"SELECT {i}, count(*) FROM ONLY {present[t]}" for i, t in enumerate(names)]
         count_sql = "\nUNION ALL\n".join(counting) + ";\n" if counting else ""
         sizes = {present[t]: n for t, n in expected.items()}
         out = self._analyze(db, place, temp, todo, sizes, count_sql)
