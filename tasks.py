@@ -148,6 +148,11 @@ def list_(c, db=None, dest=None, config=None):
                 print(
                     f"  {tier:<8} {b.path.name:<40} {store.human_size(b.record.get('size', 0)):>10} {store.human_age(now - b.created):>5} old  {state}"
                 )
+        props = next((b.record["database_properties"] for b in backups if b.record.get("database_properties")), None)
+        if isinstance(props, dict):
+            from lib.engines.pgdatabase import describe
+
+            print(f"  database properties (newest backup): {describe(props)}")
         for legacy in store.legacy_files(spec.backup_dir, item.name):
             print(
                 f"  {legacy.parent.name:<8} {legacy.name:<40} {store.human_size(legacy.stat().st_size):>10}  no record (not made by this tool; never pruned)"

@@ -226,6 +226,8 @@ def test_restores_are_identical_to_the_source(workspace, corpus, fmt):
     assert props["owner"] == "lemon_fid_owner" and props["icu_locale"] == "ko-KR"
     assert {"lemon_fid_owner"} <= set(record["engine_meta"]["roles"]["owner"])
     assert "row-counts" in record["verified"]["checks"]
+    listed = workspace.invoke("list")
+    assert "database properties (newest backup): owner lemon_fid_owner, UTF8, icu:ko-KR" in listed.stdout
     for form, jobs, in_place in (m for m in MATRIX if m[0] == fmt):
         workspace.write_config(workspace.postgres_config(corpus, format=fmt, restore_jobs=jobs))
         target = corpus if in_place else f"{corpus}_into_{jobs}"

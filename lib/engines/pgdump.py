@@ -50,6 +50,18 @@ _NESTED = re.compile(rb"/\*|\*/")
 _HEADER = re.compile(rb"-- (?:Data for )?Name: .*; Type: ([A-Z][A-Z ]*?); Schema: ")
 _META = re.compile(rb"\\([A-Za-z]+|[^A-Za-z\s]?)([^\n]*)\n")
 _META_KEY = re.compile(rb"[ \t]+[A-Za-z0-9]+[ \t]*")
+# The INSERT statements pg_dump --inserts writes, read in one match (a fast path; anything else,
+# e.g. a quoted name, a comment or an E'' string, takes the token-by-token road): bare names,
+# rows of standard-quoted literals, numbers and keywords. No backslash, dollar, double quote or
+# comment can hide in them, so where it ends is where psql ends the statement.
+_UNQUOTED = rb"(?:[^'\"$;()\\/\-eE]++|[eE](?!')|-(?!-)|/(?!\*))"
+_ROW = rb"\((?:" + _UNQUOTED + rb"|'(?:[^']++|'')*+')*+\)"
+_ROW_RE = re.compile(_ROW)
+_SIMPLE_INSERT = re.compile(
+    rb"INSERT INTO (?P<name>[a-z_][a-z0-9_$]*(?:\.[a-z_][a-z0-9_$]*)?) (?:\([a-z0-9_$, ]*\) )?"
+    rb"(?:OVERRIDING (?:SYSTEM|USER) VALUE )?(?:VALUES (?P<rows>" + _ROW + rb"(?:,\s*" + _ROW + rb")*+)|DEFAULT VALUES)"
+    rb"(?: ON CONFLICT DO NOTHING)?;"
+)
 # SET/RESET/set_config statements whose state a helper session must share
 _STATE_WORDS = (b"set", b"reset")
 
@@ -59,7 +71,7 @@ LONG_LITERAL = 1024  # longer literals keep no text (nothing classifies on them)
 MAX_TOKENS = 4096  # a longer statement keeps its first and last tokens only
 
 
-@dataclass
+@dataclass(slots=True)
 class Token:
     kind: str
     raw: bytes  # the token as written (b"" for a long literal)
@@ -198,6 +210,10 @@ class DumpReader:
     # -- what subclasses see ------------------------------------------------------------------
     def statement(self, stmt: Statement) -> None:
         """A complete top-level statement (for COPY, its data follows)."""
+
+    def insert(self, raw: bytes) -> None:
+        """A plain INSERT of pg_dump's --inserts (read on the fast path): nothing to decide about
+        it but to run it in order. ``raw`` as for ``statement``."""
 
     def meta(self, raw: bytes, command: bytes) -> None:
         """An allowed psql meta-command line (``\\restrict``/``\\unrestrict``) with what led to it."""
@@ -405,6 +421,12 @@ class DumpReader:
                 self._meta(pos, m)
                 pos = m.end()
                 continue
+            if c == 73 and not self.tokens and self.std_strings:  # I: an INSERT pg_dump wrote?
+                m = _SIMPLE_INSERT.match(buf, pos)
+                if m is not None:
+                    self._simple_insert(m, pos)
+                    pos = m.end()
+                    continue
             m = word_re(buf, pos)
             if m.end() >= n and not eof:
                 break
@@ -418,6 +440,17 @@ class DumpReader:
             pos = m.end()
         self.pos = pos
         return None
+
+    def _simple_insert(self, m: re.Match, pos: int) -> None:
+        """An INSERT matched whole by _SIMPLE_INSERT: its rows counted, passed on (``insert``)."""
+        name = m.group("name")
+        rows = m.group("rows")
+        self.insert_rows[name] = self.insert_rows.get(name, 0) + (len(_ROW_RE.findall(rows)) if rows else 1)
+        self.complete = False
+        raw = bytes(self.buf[self.start : m.end()])
+        self.start = m.end()
+        if self.problem is None:
+            self.insert(raw)
 
     def _string(self, pos: int, eof: bool, escapes: bool, token_at: int | None = None) -> bool:
         """A string literal whose quote is at ``pos`` (its token starts at ``token_at``, the E of
@@ -448,6 +481,8 @@ class DumpReader:
         if not self.tokens:
             self.lead = pos - self.start
             self.complete = False
+        elif self.in_values and kind != PUNCT:
+            return  # the rows of an INSERT: only their parentheses are counted, no need to keep them
         self.tokens.append(Token(kind, raw, self.depth))
         if len(self.tokens) > MAX_TOKENS:
             self.tokens[64:-64] = []
@@ -455,6 +490,9 @@ class DumpReader:
 
     def _word(self, word: bytes, pos: int) -> None:
         """A bare word: psql's test for the body of CREATE FUNCTION/PROCEDURE ... BEGIN ... END."""
+        if self.in_values:  # an INSERT's rows: not a CREATE FUNCTION, nothing to classify
+            self.ident_count += 1
+            return
         lower = word.lower()
         if self.ident_count < 4 and lower in (b"create", b"function", b"procedure", b"or", b"replace"):
             self.idents[self.ident_count] = lower[:1]
@@ -544,6 +582,8 @@ class DumpReader:
 
     def _note(self, stmt: Statement) -> None:
         """What the dump check keeps of a statement: quoting state, roles named, partitioned tables."""
+        if stmt.first not in (b"set", b"alter", b"grant", b"revoke", b"create"):
+            return
         words = stmt.words(3)
         tokens = stmt.tokens
         if words[:2] == [b"set", b"standard_conforming_strings"] and len(tokens) > 2:

@@ -355,6 +355,11 @@ class SqlRouter(Sink, DumpReader):
             self.copy_shareable = stmt.header == "TABLE DATA" and not self.in_transaction and self.r.jobs > 1
             self.block_bytes, self.split = 0, False
 
+    def insert(self, raw: bytes) -> None:
+        self.statements += 1
+        self._sync()
+        self._to_serial(raw)
+
     def _left_out(self, stmt: Statement) -> bool:
         """Ownership or privilege statements left out by no_owner / no_privileges."""
         if self.r.no_owner and stmt.first == b"alter":
