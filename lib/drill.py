@@ -108,7 +108,17 @@ def drill_one(
             file_arg = locate(spec, db, source, work)
             # drop_previous: the throwaway did not exist before, so there is nothing to keep (no
             # safety archive of it left under pre-restore/ by engines that take one)
-            summary = restore(spec, db.engine, file_arg, db_name=db.name, into=target, drop_previous=True, confirm=None)
+            # a throwaway cluster has none of the server's roles: the drill creates what the backup needs
+            summary = restore(
+                spec,
+                db.engine,
+                file_arg,
+                db_name=db.name,
+                into=target,
+                drop_previous=True,
+                confirm=None,
+                create_roles=server != "live",
+            )
             backup = store.load(Path(summary["file"]))
             result.update(
                 ok=True,

@@ -89,6 +89,7 @@ def restore(
     from_dest: str | None = None,
     no_owner: bool = False,
     no_privileges: bool = False,
+    create_roles: bool = False,
 ) -> dict[str, Any]:
     """Restore ``file_arg`` ('latest' or a path) of the chosen database.
 
@@ -98,7 +99,8 @@ def restore(
     ``confirm(question)`` is asked before anything is touched (after verification for engines that
     restore in place; before the scratch load for engines that load into scratch); returning
     False aborts with InputError. ``no_owner``/``no_privileges`` leave out the ownership and
-    privileges the backup holds (a server without its roles), as pg_restore's flags do. Raises InputError for bad input, RunFailed/VerificationFailed
+    privileges the backup holds (a server without its roles), as pg_restore's flags do;
+    ``create_roles`` creates the roles it needs instead (drills into a throwaway cluster). Raises InputError for bad input, RunFailed/VerificationFailed
     when the restore or its checks fail (the target is then left as it was).
     """
     db = pick_database(spec, engine, db_name)
@@ -107,7 +109,17 @@ def restore(
 
         with fetched(spec, db, from_dest, file_arg) as (local, remote):
             summary = restore(
-                spec, engine, str(local), db.name, into, drop_previous, confirm, None, no_owner, no_privileges
+                spec,
+                engine,
+                str(local),
+                db.name,
+                into,
+                drop_previous,
+                confirm,
+                None,
+                no_owner,
+                no_privileges,
+                create_roles,
             )
         summary["file"] = f"{from_dest}:{remote.path}"
         return summary
@@ -140,6 +152,7 @@ def restore(
         safety_encryption=crypto.record(spec) if crypto.mode(spec) != "none" else {"mode": "none"},
         no_owner=no_owner,
         no_privileges=no_privileges,
+        create_roles=create_roles,
     )
     question = f"Restore {path.name} into database '{target}'{engine_impl.replace_note(drop_previous)}?"
     if not store.sha256_path(path).exists():

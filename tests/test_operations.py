@@ -517,11 +517,16 @@ def test_drill_passes_and_is_recorded(workspace, sample_db):
 def test_drill_on_a_throwaway_local_server_never_touches_the_live_one(workspace, sample_db):
     config = workspace.postgres_config(sample_db.name, password_env="LIVE_ONLY_PASSWORD")
     workspace.write_config(config)
+    # a table owned by a role the throwaway cluster does not have: the drill creates it there
+    psql("DO $$BEGIN CREATE ROLE lemon_drill_owner; EXCEPTION WHEN duplicate_object THEN NULL; END$$;")
+    sample_db.sql("ALTER TABLE lessons OWNER TO lemon_drill_owner;")
     backup_ok(workspace, env={"LIVE_ONLY_PASSWORD": "x"})
+    sample_db.sql("ALTER TABLE lessons OWNER TO postgres;")  # the live role can then go when it likes
     before = psql("SELECT count(*) FROM pg_database;")
     result = workspace.invoke("drill", "--local-server")  # no live password needed: the live server is not used
     assert result.returncode == 0, result.stderr
     assert "throwaway PostgreSQL started" in result.stderr
+    assert "created the role(s) the backup needs on this throwaway server: lemon_drill_owner" in result.stderr
     assert "3 tables / 920 rows match the record" in result.stderr
     assert psql("SELECT count(*) FROM pg_database;") == before
     assert databases_like(f"{sample_db.name}_drill") == []

@@ -55,6 +55,9 @@ class RestoreRequest:
     #: leave out ownership / privileges the backup holds (restore onto a server without its roles)
     no_owner: bool = False
     no_privileges: bool = False
+    #: create the roles the backup needs that the server lacks (NOLOGIN), instead of refusing:
+    #: for drills into a throwaway cluster, which has no roles of its own
+    create_roles: bool = False
 
     @property
     def source_is_raw(self) -> bool:

@@ -79,6 +79,42 @@ def parse(output: str) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
+_TEXT_KEYS = ("name", "owner", "encoding", "collate", "ctype", "locale_provider", "icu_locale", "icu_rules")
+
+
+def checked(props: Any) -> dict[str, Any] | None:
+    """A record's ``database_properties`` when they have the shape CAPTURE_SQL gives, else None
+    (an edited or damaged record: the restore then keeps the target's, as for an old record).
+    Values are only ever quoted into SQL; this keeps a wrong type from becoming a traceback."""
+    if not isinstance(props, dict) or not isinstance(props.get("encoding"), str):
+        return None
+    ok = all(props.get(key) is None or isinstance(props[key], str) for key in (*_TEXT_KEYS, "tablespace", "comment"))
+    ok = ok and isinstance(props.get("collate"), str) and isinstance(props.get("ctype"), str)
+    ok = ok and (props.get("connection_limit") is None or type(props["connection_limit"]) is int)
+    acl = props.get("acl")
+    ok = ok and (acl is None or (isinstance(acl, list) and all(_acl_item(item) for item in acl)))
+    settings = props.get("settings")
+    ok = ok and (settings is None or (isinstance(settings, list) and all(_setting(item) for item in settings)))
+    return props if ok else None
+
+
+def _acl_item(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and all(item.get(k) is None or isinstance(item[k], str) for k in ("grantee", "grantor", "privilege"))
+        and isinstance(item.get("grantable", False), bool)
+    )
+
+
+def _setting(item: Any) -> bool:
+    config = item.get("config") if isinstance(item, dict) else None
+    return (
+        isinstance(item, dict)
+        and (item.get("role") is None or isinstance(item["role"], str))
+        and (config is None or (isinstance(config, list) and all(isinstance(c, str) for c in config)))
+    )
+
+
 def roles(props: Mapping[str, Any]) -> dict[str, set[str]]:
     """Roles the properties name: {"owner": {...}, "acl": {...}, "other": {...}}."""
     found: dict[str, set[str]] = {"owner": set(), "acl": set(), "other": set()}

@@ -213,7 +213,7 @@ class Postgres(Engine):
         exists = current is not None
         # The backed-up database's own properties (owner, locale, settings, privileges...); a
         # backup without them (older records, the old scripts' files) keeps the target's.
-        props = request.record.get("database_properties") or current
+        props = pgdatabase.checked(request.record.get("database_properties")) or current
         self._check_roles(request, props)  # before anything is touched
         options = f" {pgdatabase.create_options(props, request.no_owner)}" if props else ""
         log.info("restoring into temporary database %s", temp)
@@ -288,6 +288,12 @@ class Postgres(Engine):
         present = {bytes.fromhex(line).decode() for line in out.split()}
         missing = {category: sorted(names - present) for category, names in needed.items() if names - present}
         if not missing:
+            return
+        if request.create_roles:
+            names = sorted(set().union(*missing.values()))
+            sql = "".join(f"CREATE ROLE {quote_ident(name)} NOLOGIN;\n" for name in names)
+            self.psql(request.db, request.place, maint, sql, "psql (create roles)")
+            request.log.info("created the role(s) the backup needs on this throwaway server: %s", ", ".join(names))
             return
         parts, flags = [], []
         for category, label, flag in (
