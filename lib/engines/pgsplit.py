@@ -547,7 +547,12 @@ class SqlRouter(Sink, DumpReader):
         return Session(self.r.psql(["-q", "-A", "-t"] if quiet else []), self.r.env, on_line, on_eof)
 
     def _to_serial(self, data: bytes | memoryview) -> None:
+        """Queue ``data`` for the serial session; big pieces (COPY data) go out at once, uncopied."""
         if not data or self.failure is not None:
+            return
+        if len(data) >= FLUSH_AT:
+            self._flush()
+            self._send_serial(data)
             return
         self.out += data
         if len(self.out) >= FLUSH_AT:
@@ -557,11 +562,16 @@ class SqlRouter(Sink, DumpReader):
         if not self.out or self.failure is not None:
             self.out.clear()
             return
+        data, self.out = bytes(self.out), bytearray()
+        self._send_serial(data)
+
+    def _send_serial(self, data: bytes | memoryview) -> None:
+        if self.failure is not None:
+            return
         if self.serial is None:
             self.serial = self._start(self._serial_line, quiet=False)
             if self.sessions_started > 1:  # a later session: the state in force here first
                 self.serial.send(self._state_sql())
-        data, self.out = bytes(self.out), bytearray()
         if not self.serial.send(data):
             self._close_serial()
 
