@@ -4,6 +4,7 @@ rename, then retention. Also re-verification of stored files, used by verify and
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
 from lib.diskguard import check_free_space
 from lib.engines import engine_for_file, get_engine
-from lib.errors import InputError, ToolError, VerificationFailed
+from lib.errors import InputError, RunFailed, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
 from lib.progress import progress as progress_line
 from lib.stream import FileSink, PipelineResult, Stage, TailSink, Tap, run_pipeline, run_tapped, sha256_file
@@ -148,7 +149,11 @@ def verify_file(
     Raises VerificationFailed. A restore that read the file once already passes ``stream`` (the
     verdict on that read, see judge_stream) and ``hashed`` (its sha256, taken alongside)."""
     sidecar = store.sha256_path(path)
-    expected = sidecar.read_text().split()[0] if sidecar.exists() and sidecar.read_text().strip() else None
+    expected = {sidecar.name: sidecar_sha256(path)}
+    recorded = (record or {}).get("sha256")
+    if recorded:
+        expected[f"the sha256 in its record {store.record_path(path).name}"] = str(recorded)
+    expected = {source: value for source, value in expected.items() if value}
     stream_error: VerificationFailed | None = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         digest = pool.submit(hashed or (lambda: sha256_file(path))) if expected else None
@@ -157,14 +162,45 @@ def verify_file(
         except VerificationFailed as exc:
             stream_error = exc
         actual = digest.result() if digest else None
-    if expected and actual != expected:
-        raise VerificationFailed(f"{path.name}: sha256 does not match {sidecar.name}; the file was changed or damaged")
+    for source, value in expected.items():
+        if actual != value:
+            raise VerificationFailed(
+                f"{path.name}: sha256 does not match {source}; the file (or that checksum) was changed or damaged"
+            )
     if stream_error is not None:
         raise stream_error
     checks = (["sha256"] if expected else []) + list(checks)
     if record and record.get("size") is not None and path.stat().st_size != record["size"]:
         raise VerificationFailed(f"{path.name}: size {path.stat().st_size} differs from the recorded {record['size']}")
     return checks
+
+
+def sidecar_sha256(path: Path) -> str | None:
+    """The checksum in ``path``'s ``.sha256`` sidecar (None when it is missing or empty). The
+    sidecar is read without following a symbolic link. Raises VerificationFailed when it is one."""
+    try:
+        text = store.read_nofollow(store.sha256_path(path), 4096).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    except store.SymlinkRefused as exc:
+        raise VerificationFailed(str(exc.strerror)) from None
+    except OSError as exc:
+        raise VerificationFailed(f"{store.sha256_path(path)}: cannot read it ({exc.strerror})") from None
+    return (text.split() or [None])[0]
+
+
+def store_failure(exc: OSError, name: str, backup_dir: Path) -> RunFailed:
+    """One line for a write into the backup store that the system refused: a full disk, no
+    permission, a read-only filesystem. Earlier backups are never touched by such a failure."""
+    where = exc.filename or backup_dir
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space on the filesystem holding {where} (earlier backups are untouched)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {where} writable for this user (or remount it read-write)"
+    else:
+        fix = f"check {backup_dir} (backup_dir in backup.yml)"
+    return RunFailed(f"{name}: cannot write {where}: {reason}; {fix}")
 
 
 def write_verified(
@@ -296,6 +332,7 @@ def run_backup(
 def prune(spec: Spec, db: DatabaseSpec, dry_run: bool = False, now: datetime | None = None) -> list[store.Backup]:
     """Apply retention to ``db``'s local backups. Returns what was (or would be) deleted."""
     now = now or store.utcnow()
+    # a backup whose record is invalid is kept (store.load warned about it once)
     doomed = store.plan_retention(store.list_backups(spec.backup_dir, db.name), dict(db.retention), now)
     for backup in doomed:
         age = store.human_age(now - backup.created)
@@ -381,6 +418,9 @@ def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = No
                 outcome.made[db.name] = run_backup(spec, db, tier, progress=show)
             prune(spec, db)
             outcome.offsite_failed += push_all(spec, outcome.made[db.name])
+        except OSError as exc:  # a full disk, an unwritable or read-only backup_dir: this database fails
+            outcome.failed[db.name] = store_failure(exc, db.name, spec.backup_dir)
+            log.error("%s: backup FAILED: %s", db.name, outcome.failed[db.name])
         except ToolError as exc:
             outcome.failed[db.name] = exc
             log.error("%s: backup FAILED: %s", db.name, exc)

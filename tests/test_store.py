@@ -97,7 +97,10 @@ def test_record_must_name_its_own_file(tmp_path):
     record = json.loads(backup.record_path.read_text())
     record["file"] = "something_else.sql.gz"
     backup.record_path.write_text(json.dumps(record))
-    assert store.list_backups(tmp_path, "pg") == []
+    [listed] = store.list_backups(tmp_path, "pg")  # shown, but as a backup with an invalid record
+    assert "'file' is 'something_else.sql.gz'" in listed.problem and not listed.verified
+    assert store.latest_verified([listed]) is None
+    assert store.plan_retention([listed], {"daily": 1}, NOW + timedelta(days=365)) == []
 
 
 def test_prune_task_end_to_end(workspace, sample_db):
