@@ -126,7 +126,9 @@ class Postgres(Engine):
         require_binary("awk")  # verification always runs on this host
 
     def dump_stages(self, db: DatabaseSpec, place: Place) -> list[Stage]:
-        command = ["pg_dump", "--no-owner", "--no-acl"]
+        # a table locked by another session fails the dump after lock_wait_timeout seconds, never hangs it
+        timeout_ms = max(1, round(float(db.options.get("lock_wait_timeout", 60)) * 1000))
+        command = ["pg_dump", "--no-owner", "--no-acl", f"--lock-wait-timeout={timeout_ms}"]
         if self.fmt(db) == "custom":
             command += ["-Fc"]
             if db.options.get("compression_level"):
