@@ -200,18 +200,20 @@ def sidecar_sha256(path: Path) -> str | None:
     return (text.split() or [None])[0]
 
 
-def store_failure(exc: OSError, name: str, backup_dir: Path) -> RunFailed:
-    """One line for a write into the backup store that the system refused: a full disk, no
-    permission, a read-only filesystem. Earlier backups are never touched by such a failure."""
-    where = exc.filename or backup_dir
+def store_failure(exc: OSError, directory: Path) -> RunFailed:
+    """One line for a write into the backup store (``directory``, unless the error names a file)
+    that the system refused: a full disk, no permission, a read-only filesystem. Earlier backups
+    are never touched by such a failure."""
+    where = exc.filename or directory
+    folder = Path(exc.filename).parent if exc.filename else directory
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = f"free space on the filesystem holding {where} (earlier backups are untouched)"
+        fix = f"free space on the filesystem holding {folder} (earlier backups are untouched)"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = f"make {where} writable for this user (or remount it read-write)"
+        fix = f"make {folder} writable for this user (or remount it read-write)"
     else:
-        fix = f"check {backup_dir} (backup_dir in backup.yml)"
-    return RunFailed(f"{name}: cannot write {where}: {reason}; {fix}")
+        fix = f"check {folder} (under backup_dir in backup.yml)"
+    return RunFailed(f"cannot write {where}: {reason}; {fix}")
 
 
 LOCK_QUERY_RE = re.compile(r"LOCK TABLE (\S+) IN ")
@@ -345,6 +347,9 @@ def run_backup(
         backup.save()
         tmp.rename(p.path)
         store.fsync_dir(directory)
+    except OSError as exc:  # a full disk, a read-only tier directory: this database fails in one line
+        tmp.unlink(missing_ok=True)
+        raise store_failure(exc, directory) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -450,7 +455,7 @@ def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = No
             prune(spec, db)
             outcome.offsite_failed += push_all(spec, outcome.made[db.name])
         except OSError as exc:  # a full disk, an unwritable or read-only backup_dir: this database fails
-            outcome.failed[db.name] = store_failure(exc, db.name, spec.backup_dir)
+            outcome.failed[db.name] = store_failure(exc, spec.backup_dir / db.name)
             log.error("%s: backup FAILED: %s", db.name, outcome.failed[db.name])
         except ToolError as exc:
             outcome.failed[db.name] = exc

@@ -214,7 +214,7 @@ def test_full_disk_fails_that_database_and_the_next_goes_on(workspace, sample_db
         result = workspace.invoke("backup", "--all")
         assert result.returncode == 1
         line = one_line(result)
-        assert "pg: cannot write" in result.stderr and "No space left on device" in result.stderr
+        assert f"pg: backup FAILED: cannot write {tier}: No space left on device" in result.stderr
         assert "free space on the filesystem" in result.stderr
         assert "failed: pg" in line and "1 of 2" in line
         assert len(workspace.backups("pg2")) == 1  # the next database was backed up
@@ -236,7 +236,7 @@ def test_read_only_tier_dir_and_read_only_backup_dir(workspace, sample_db):
         result = workspace.invoke("backup", "--all")
         assert result.returncode == 1
         one_line(result)
-        assert "pg: cannot write" in result.stderr and "Read-only file system" in result.stderr
+        assert "pg: backup FAILED: cannot write" in result.stderr and "Read-only file system" in result.stderr
         assert len(workspace.backups("pg2")) == 2
         assert hook_env(workspace)["BACKUP_FAILED"] == "pg"
         assert last_run(workspace, "pg")["status"] == "failure"
