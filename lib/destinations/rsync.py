@@ -399,7 +399,7 @@ class RsyncDestination(Destination):
         )
         path = local_dir / remote.file
         if not path.is_file():
-            raise DestinationFailed(f"download of {remote.file}: the file is gone from {self.label()}")
+            raise DestinationRefused(f"download of {remote.file}: the file is gone from {self.label()}")
         return path
 
     def delete(self, remote: RemoteBackup) -> None:
