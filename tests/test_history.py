@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from lib import history
 
@@ -35,6 +36,11 @@ def test_last_run_that_is_a_link_is_neither_read_nor_written_through(tmp_path, c
 
 def test_a_refused_write_is_a_warning(tmp_path, caplog):
     (tmp_path / "pg").write_text("a file where the database's folder belongs")
-    entry = history.record_run(tmp_path, "pg", True, 1.0)
+    logger = logging.getLogger("backup")  # lib.log.setup stops propagation: listen on the logger itself
+    logger.addHandler(caplog.handler)
+    try:
+        entry = history.record_run(tmp_path, "pg", True, 1.0)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert entry["status"] == "success"
     assert any("could not write" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
