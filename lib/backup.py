@@ -349,6 +349,9 @@ def run_backup(
         store.fsync_dir(directory)
     except OSError as exc:  # a full disk, a read-only tier directory: this database fails in one line
         tmp.unlink(missing_ok=True)
+        if not p.path.exists():  # sidecars written before the disk filled up belong to no backup
+            store.sha256_path(p.path).unlink(missing_ok=True)
+            store.record_path(p.path).unlink(missing_ok=True)
         raise store_failure(exc, directory) from None
     except BaseException:
         tmp.unlink(missing_ok=True)

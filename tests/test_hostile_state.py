@@ -219,7 +219,12 @@ def test_full_disk_fails_that_database_and_the_next_goes_on(workspace, sample_db
         assert "failed: pg" in line and "1 of 2" in line
         assert len(workspace.backups("pg2")) == 1  # the next database was backed up
         assert workspace.backups("pg") == [earlier] and sha(earlier) == digest
-        assert not [p for p in tier.iterdir() if p.name.startswith(".tmp-")]
+        assert {p.name for p in tier.iterdir()} == {
+            "filler",
+            earlier.name,
+            earlier.name + ".json",
+            earlier.name + ".sha256",
+        }  # no temp file, no sidecar of a backup that never was
         env = hook_env(workspace)
         assert env["BACKUP_FAILED"] == "pg" and "No space left on device" in env["BACKUP_ERROR"]
         run = last_run(workspace, "pg")
