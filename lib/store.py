@@ -26,6 +26,8 @@ RECORD_FORMAT = 1
 NAME_RE = re.compile(r"^backup_(\d{8})_(\d{6})(\.[A-Za-z0-9.]+)$")
 TEMP_PREFIX = ".tmp-"
 TIERS = ("daily", "weekly", "monthly")
+#: the 'tier' in the record of a safety copy taken before an in-place restore (see safety_dir)
+SAFETY_TIER = "pre-restore"
 #: a record is a few KiB; anything much larger is not one of ours (and is not read into memory)
 MAX_RECORD_BYTES = 4 << 20
 MAX_SIZE = 2**63 - 1
@@ -227,7 +229,7 @@ def tier_dir(backup_dir: Path, name: str, tier: str) -> Path:
 def safety_dir(backup_dir: Path, name: str) -> Path:
     """Where safety copies taken before an in-place restore of database ``name`` are kept.
     Not a tier: never listed as a backup, never pruned."""
-    return backup_dir / name / "pre-restore"
+    return backup_dir / name / SAFETY_TIER
 
 
 def _show(value: Any) -> str:
@@ -294,7 +296,7 @@ def validate_record(record: Any, filename: str) -> str | None:
         return f"'file' is {_show(record.get('file'))}, not '{filename}'"
     if not isinstance(record.get("name"), str) or not record["name"]:
         return f"'name' is {_show(record.get('name'))}, expected the database name"
-    if record.get("tier") not in TIERS:
+    if record.get("tier") not in (*TIERS, SAFETY_TIER):
         return f"'tier' is {_show(record.get('tier'))}, expected one of {', '.join(TIERS)}"
     try:
         parse_iso(record.get("created"))  # type: ignore[arg-type]

@@ -93,8 +93,8 @@ def parse_record(text: bytes | str, filename: str) -> dict[str, Any] | None:
         record = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    if store.validate_record(record, filename) is not None:  # also refuses wrong types, huge numbers
-        return None
+    if store.validate_record(record, filename) is not None or record["tier"] not in store.TIERS:
+        return None  # also wrong types, huge numbers, a safety copy's record
     return record
 
 
