@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -94,10 +95,13 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:
 
 
 def read_nofollow(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes:
-    """The first ``limit`` bytes of ``path``, never through a symbolic link. Raises OSError
-    (SymlinkRefused for a link, FileNotFoundError when missing)."""
-    fd = open_nofollow(path, os.O_RDONLY)
+    """The first ``limit`` bytes of the regular file ``path``, never through a symbolic link.
+    Raises OSError (SymlinkRefused for a link, FileNotFoundError when missing, EINVAL for a
+    directory, FIFO or device)."""
+    fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO planted there cannot block us
     with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         return handle.read(limit)
 
 

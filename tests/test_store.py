@@ -190,3 +190,14 @@ def test_a_record_that_is_a_link_is_not_followed(tmp_path):
     backup.record_path.symlink_to(outside)
     loaded = store.load(backup.path)
     assert loaded is not None and loaded.problem == "the record is a symbolic link" and not loaded.verified
+
+
+def test_a_record_that_is_a_fifo_or_a_directory_cannot_block_or_crash(tmp_path):
+    fifo = fake(tmp_path, "pg", "daily", 1)
+    fifo.record_path.unlink()
+    os.mkfifo(fifo.record_path)
+    folder = fake(tmp_path, "pg", "daily", 2)
+    folder.record_path.unlink()
+    folder.record_path.mkdir()
+    problems = sorted(b.problem for b in store.list_backups(tmp_path, "pg"))
+    assert problems == ["cannot read it: Is a directory", "cannot read it: not a regular file"]
