@@ -33,7 +33,7 @@ def setup(backup_dir: Path | None = None, verbose: bool = False) -> logging.Logg
         path = backup_dir / "backup.log"
         try:
             ensure_dir(backup_dir)
-            fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o600)
         except SymlinkRefused as exc:
             raise InputError(f"log file {exc.strerror}") from None
         except OSError as exc:  # a read-only or full backup_dir: the run goes on and fails there, once
