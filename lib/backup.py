@@ -4,7 +4,9 @@ rename, then retention. Also re-verification of stored files, used by verify and
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -16,10 +18,20 @@ from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
 from lib.diskguard import check_free_space
 from lib.engines import engine_for_file, get_engine
-from lib.errors import InputError, ToolError, VerificationFailed
+from lib.errors import InputError, RunFailed, StageFailed, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
 from lib.progress import progress as progress_line
-from lib.stream import FileSink, PipelineResult, Stage, TailSink, Tap, run_pipeline, run_tapped, sha256_file
+from lib.stream import (
+    FileSink,
+    PipelineResult,
+    Stage,
+    StageResult,
+    TailSink,
+    Tap,
+    run_pipeline,
+    run_tapped,
+    sha256_file,
+)
 
 TOOL = "lemon-backup"
 #: what is kept of an inspection's output: the engine's summary (a line per table) must fit
@@ -150,7 +162,11 @@ def verify_file(
     Raises VerificationFailed. A restore that read the file once already passes ``stream`` (the
     verdict on that read, see judge_stream) and ``hashed`` (its sha256, taken alongside)."""
     sidecar = store.sha256_path(path)
-    expected = sidecar.read_text().split()[0] if sidecar.exists() and sidecar.read_text().strip() else None
+    expected = {sidecar.name: sidecar_sha256(path)}
+    recorded = (record or {}).get("sha256")
+    if recorded:
+        expected[f"the sha256 in its record {store.record_path(path).name}"] = str(recorded)
+    expected = {source: value for source, value in expected.items() if value}
     stream_error: VerificationFailed | None = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         digest = pool.submit(hashed or (lambda: sha256_file(path))) if expected else None
@@ -159,14 +175,66 @@ def verify_file(
         except VerificationFailed as exc:
             stream_error = exc
         actual = digest.result() if digest else None
-    if expected and actual != expected:
-        raise VerificationFailed(f"{path.name}: sha256 does not match {sidecar.name}; the file was changed or damaged")
+    for source, value in expected.items():
+        if actual != value:
+            raise VerificationFailed(
+                f"{path.name}: sha256 does not match {source}; the file (or that checksum) was changed or damaged"
+            )
     if stream_error is not None:
         raise stream_error
     checks = (["sha256"] if expected else []) + list(checks)
     if record and record.get("size") is not None and path.stat().st_size != record["size"]:
         raise VerificationFailed(f"{path.name}: size {path.stat().st_size} differs from the recorded {record['size']}")
     return checks
+
+
+def sidecar_sha256(path: Path) -> str | None:
+    """The checksum in ``path``'s ``.sha256`` sidecar (None when it is missing or empty). The
+    sidecar is read without following a symbolic link. Raises VerificationFailed when it is one."""
+    try:
+        text = store.read_nofollow(store.sha256_path(path), 4096).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    except store.SymlinkRefused as exc:
+        raise VerificationFailed(str(exc.strerror)) from None
+    except OSError as exc:
+        raise VerificationFailed(f"{store.sha256_path(path)}: cannot read it ({exc.strerror})") from None
+    return (text.split() or [None])[0]
+
+
+def store_failure(exc: OSError, directory: Path) -> RunFailed:
+    """One line for a write into the backup store (``directory``, unless the error names a file)
+    that the system refused: a full disk, no permission, a read-only filesystem. Earlier backups
+    are never touched by such a failure."""
+    where = exc.filename or directory
+    folder = Path(exc.filename).parent if exc.filename else directory
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space on the filesystem holding {folder} (earlier backups are untouched)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {folder} writable for this user (or remount it read-write)"
+    else:
+        fix = f"check {folder} (under backup_dir in backup.yml)"
+    return RunFailed(f"cannot write {where}: {reason}; {fix}")
+
+
+LOCK_QUERY_RE = re.compile(r"LOCK TABLE (\S+) IN ")
+
+
+def explain_lock_timeout(db: DatabaseSpec, cause: StageResult | None) -> None:
+    """Raise StageFailed naming the lock when the dump gave up waiting for a table lock
+    (pg_dump --lock-wait-timeout, see the postgres engine's lock_wait_timeout); else nothing."""
+    if cause is None or "statement timeout" not in cause.stderr:
+        return
+    match = LOCK_QUERY_RE.search(cause.stderr)
+    if match is None:
+        return
+    seconds = float(db.options.get("lock_wait_timeout", 60))
+    raise StageFailed(
+        cause.name,
+        f"table {match[1]} stayed locked by another session for lock_wait_timeout ({seconds:g}s)",
+        "find the holder in pg_locks/pg_stat_activity and end it, or raise lock_wait_timeout in backup.yml",
+    )
 
 
 def write_verified(
@@ -203,6 +271,7 @@ def write_verified(
             f"{final_name} failed verification {when}: {cause.name} exited with status {cause.returncode}: "
             f"{cause.stderr or 'no message'}"
         )
+    explain_lock_timeout(db, cause)
     result.raise_for_status()
     if result.size == 0:
         raise VerificationFailed(f"{db.name}: the dump produced no bytes")
@@ -282,6 +351,12 @@ def run_backup(
         backup.save()
         tmp.rename(p.path)
         store.fsync_dir(directory)
+    except OSError as exc:  # a full disk, a read-only tier directory: this database fails in one line
+        tmp.unlink(missing_ok=True)
+        if not p.path.exists():  # sidecars written before the disk filled up belong to no backup
+            store.sha256_path(p.path).unlink(missing_ok=True)
+            store.record_path(p.path).unlink(missing_ok=True)
+        raise store_failure(exc, directory) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -300,6 +375,7 @@ def run_backup(
 def prune(spec: Spec, db: DatabaseSpec, dry_run: bool = False, now: datetime | None = None) -> list[store.Backup]:
     """Apply retention to ``db``'s local backups. Returns what was (or would be) deleted."""
     now = now or store.utcnow()
+    # a backup whose record is invalid is kept (store.load warned about it once)
     doomed = store.plan_retention(store.list_backups(spec.backup_dir, db.name), dict(db.retention), now)
     for backup in doomed:
         age = store.human_age(now - backup.created)
@@ -385,6 +461,9 @@ def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = No
                 outcome.made[db.name] = run_backup(spec, db, tier, progress=show)
             prune(spec, db)
             outcome.offsite_failed += push_all(spec, outcome.made[db.name])
+        except OSError as exc:  # a full disk, an unwritable or read-only backup_dir: this database fails
+            outcome.failed[db.name] = store_failure(exc, spec.backup_dir / db.name)
+            log.error("%s: backup FAILED: %s", db.name, outcome.failed[db.name])
         except ToolError as exc:
             outcome.failed[db.name] = exc
             log.error("%s: backup FAILED: %s", db.name, exc)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,22 @@ DRILLS_KEPT = 20
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (never through a symbolic link), or None."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(store.read_nofollow(path).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    store.ensure_dir(path.parent)
-    store.write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    """Replace ``path`` atomically. A refused write (a full disk, a read-only or unwritable
+    directory) is a logged warning: remembering a run never fails it."""
+    try:
+        store.ensure_dir(path.parent)
+        store.write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        logging.getLogger("backup").warning("could not write %s: %s", path, exc.strerror or exc)
 
 
 def stage_of(exc: ToolError, default: str = "backup") -> str:
@@ -44,8 +51,21 @@ def stage_of(exc: ToolError, default: str = "backup") -> str:
 
 
 def last_run(backup_dir: Path, name: str) -> dict[str, Any] | None:
-    """The last backup attempt of database ``name``, or None."""
-    return _read(backup_dir / name / LAST_RUN)
+    """The last backup attempt of database ``name``, or None (also when the file is damaged)."""
+    data = _read(backup_dir / name / LAST_RUN)
+    if data is None or not isinstance(data.get("status"), str) or not _is_time(data.get("finished")):
+        return None
+    if not isinstance(data.get("seconds"), int | float) or isinstance(data["seconds"], bool):
+        return None
+    return data
+
+
+def _is_time(value: Any) -> bool:
+    try:
+        store.parse_iso(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def record_run(
@@ -58,14 +78,15 @@ def record_run(
 ) -> dict[str, Any]:
     """Remember one backup attempt of ``name`` (and count it). Returns the stored entry."""
     previous = last_run(backup_dir, name) or {}
-    runs = dict(previous.get("runs") or {})
+    runs = previous.get("runs") if isinstance(previous.get("runs"), dict) else {}
+    counts = {k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53 else 0 for k, v in runs.items()}
     status = "success" if ok else "failure"
-    runs[status] = int(runs.get(status, 0)) + 1
+    counts[status] = counts.get(status, 0) + 1
     entry: dict[str, Any] = {
         "status": status,
         "finished": store.iso(store.utcnow()),
         "seconds": round(seconds, 3),
-        "runs": {"success": int(runs.get("success", 0)), "failure": int(runs.get("failure", 0))},
+        "runs": {"success": counts.get("success", 0), "failure": counts.get("failure", 0)},
     }
     if backup is not None:
         entry.update({"file": backup.path.name, "size": backup.record.get("size")})
@@ -79,7 +100,9 @@ def drills(backup_dir: Path, name: str) -> list[dict[str, Any]]:
     """Past drills of ``name``, newest first."""
     data = _read(backup_dir / name / DRILLS) or {}
     items = data.get("drills")
-    return [d for d in items if isinstance(d, dict)] if isinstance(items, list) else []
+    if not isinstance(items, list):
+        return []
+    return [d for d in items if isinstance(d, dict) and isinstance(d.get("ok"), bool) and _is_time(d.get("at"))]
 
 
 def record_drill(backup_dir: Path, name: str, result: dict[str, Any]) -> None:

@@ -45,11 +45,16 @@ def parse_wait(wait: str | float | None) -> float | None:
     return seconds
 
 
+class LockUnavailable(LockHeld):
+    """The lock file cannot be opened: backup_dir is unwritable or read-only, or ``.lock`` is a
+    symbolic link (never followed). The run does not start; hooks report it like a held lock."""
+
+
 def read_holder(path: Path) -> dict[str, Any]:
     """The informational holder record in the lock file ({} when empty or unreadable)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
+        data = json.loads(store.read_nofollow(path, 64 * 1024).decode("utf-8") or "{}")
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -100,9 +105,16 @@ def run_lock(backup_dir: Path, command: str, wait: float | None = None) -> Itera
     ``command`` (e.g. 'backup --all') is shown to a second run. Without ``wait`` a held lock
     raises LockHeld at once; with ``wait`` seconds it polls until then. Yields the lock path.
     """
-    store.ensure_dir(backup_dir)
     path = lock_path(backup_dir)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        store.ensure_dir(backup_dir)
+        fd = store.open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except store.SymlinkRefused as exc:
+        raise LockUnavailable(f"lock file {exc.strerror}") from None
+    except OSError as exc:
+        raise LockUnavailable(
+            f"cannot open the lock file {path}: {exc.strerror or exc}; make {backup_dir} writable for this user"
+        ) from None
     try:
         deadline = time.monotonic() + wait if wait else None
         announced = False

@@ -107,7 +107,8 @@ def render(report: dict[str, Any]) -> str:
 def write_textfile_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a hidden temp file in the same directory; mode 0644."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    tmp.unlink(missing_ok=True)  # a link at our temp name is removed, never followed
+    fd = store.open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.fchmod(fd, 0o644)  # readable by node_exporter despite our umask 077
         os.write(fd, text.encode())

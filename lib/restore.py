@@ -125,7 +125,11 @@ def restore(
         return summary
     path = find_file(spec, db, file_arg)
     backup = store.load(path)
-    record = backup.record if backup else None
+    if backup is not None and backup.problem is not None:
+        log.warning(
+            "%s: its record is invalid (%s); restoring it as a file without a record", path.name, backup.problem
+        )
+    record = backup.record if backup and backup.problem is None else None
     file_engine = engine_of_file(path, record)
     if file_engine is None:
         raise InputError(
@@ -156,7 +160,10 @@ def restore(
     )
     question = f"Restore {path.name} into database '{target}'{engine_impl.replace_note(drop_previous)}?"
     if not store.sha256_path(path).exists():
-        log.warning("%s has no .sha256 sidecar; its contents are verified, its checksum cannot be", path.name)
+        if (record or {}).get("sha256"):
+            log.warning("%s has no .sha256 sidecar; its checksum is checked against its record", path.name)
+        else:
+            log.warning("%s has no .sha256 sidecar; its contents are verified, its checksum cannot be", path.name)
     if engine_impl.loads_into_scratch:
         # One read of the file: the engine taps the decoded stream it loads into a scratch
         # database and hands the run to request.gate before it touches the target.

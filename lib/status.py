@@ -66,6 +66,12 @@ def database_status(spec: Spec, db: DatabaseSpec, now: datetime) -> dict[str, An
         problems.append(
             f"{db.name}: newest verified backup is {store.human_age(now - newest.created)} old (limit {limit:g}h)"
         )
+    invalid = [b for b in backups if b.problem is not None]
+    if invalid:
+        problems.append(
+            f"{db.name}: {len(invalid)} backup(s) with an invalid record, e.g. {invalid[0].record_path} "
+            f"({invalid[0].problem}); fix the record or move the backup away"
+        )
     destinations = {}
     for name in destination_names(spec):
         when = verified_at(newest, name) if newest else None

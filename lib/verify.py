@@ -27,7 +27,13 @@ def database_for_file(spec: Spec, path: Path, record: dict | None) -> DatabaseSp
 
 
 def verify_one(spec: Spec, db: DatabaseSpec, path: Path, backup: store.Backup | None, log: logging.Logger) -> bool:
-    """Verify one file, record the outcome when it has a record. Returns True when it passed."""
+    """Verify one file, record the outcome when it has a record. Returns True when it passed.
+    A backup whose record is invalid fails (it counts as unverified) and its record is left as is."""
+    if backup is not None and backup.problem is not None:
+        log.error(
+            "%s: %s: invalid record (%s); fix the record or move the backup away", db.name, path.name, backup.problem
+        )
+        return False
     try:
         checks = verify_file(spec, db, path, backup.record if backup else None)
     except VerificationFailed as exc:

@@ -464,3 +464,69 @@ def test_failing_destination_does_not_stop_the_other_and_exits_1(workspace, samp
     assert sha(server_root / "pg/daily" / backup.name) == record["sha256"]
     record = json.loads(Path(str(backup) + ".json").read_text())
     assert set(record["destinations"]) == {"vault", "server"}
+
+
+# -- rsync: a fresh server, permanent and transient errors ------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["mkpath", "ssh-mkdir"])
+def test_rsync_creates_missing_remote_folders(how, tmp_path, sshd, monkeypatch):
+    """A fresh server: the target's folders do not exist yet. rsync creates them (--mkpath; with an
+    rsync older than 3.2.3, mkdir -p over ssh with the path quoted for the remote shell)."""
+    from lib.destinations import rsync
+
+    if how == "ssh-mkdir":
+        monkeypatch.setattr(rsync, "rsync_version", lambda: (3, 1, 3))
+    root = tmp_path / "fresh server" / "it's $(touch pwned)" / "backups"
+    spec = write_spec(tmp_path, [block("rsync", sshd, root, retries=0)])
+    backup = make_backup(spec.backup_dir, timedelta(hours=1))
+    assert offsite.push_all(spec, backup) == []
+    assert sha(root / "pg" / "daily" / backup.path.name) == backup.record["sha256"]
+    assert (root / "pg" / "daily" / (backup.path.name + ".json")).is_file()
+    assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()  # the path was quoted, never run
+
+
+def test_rsync_permanent_errors_fail_at_once_and_transient_ones_are_retried(tmp_path, sshd):
+    (tmp_path / "a-file").write_text("not a directory")
+    spec = write_spec(tmp_path, [block("rsync", sshd, tmp_path / "a-file" / "backups", retries=3)])
+    backup = make_backup(spec.backup_dir, timedelta(hours=1))
+    [dest] = configured(spec)
+    waits: list[float] = []
+    with dest, pytest.raises(DestinationRefused, match="Not a directory") as refused:
+        retrying(dest, lambda: dest.push(backup), "upload", sleep=waits.append)
+    assert waits == []  # not retried
+    assert "\n" not in str(refused.value) and "not retried" in str(refused.value)
+
+    down = block("rsync", sshd, tmp_path / "remote", retries=2, backoff_seconds=0.5)
+    down["ssh"]["port"] = free_port()  # nothing listens: connection refused, retried
+    spec = write_spec(tmp_path, [down])
+    [dest] = configured(spec)
+    with dest, pytest.raises(DestinationFailed, match="after 3 attempt"):
+        retrying(dest, lambda: dest.push(backup), "upload", sleep=waits.append)
+    assert waits == [0.5, 1.0]
+
+
+def test_rsync_classifies_errors(tmp_path):
+    spec = write_spec(
+        tmp_path,
+        [{"name": "s", "type": "rsync", "target": "u@h:/b", "ssh": {"identity_file": "/k", "known_hosts": "/kh"}}],
+    )
+    [dest] = configured(spec)
+    transient = [
+        ("ssh: connect to host h port 22: Connection refused\nrsync: connection unexpectedly closed", 255),
+        ("Connection reset by 10.0.0.1 port 22", 255),
+        ("ssh: connect to host h port 22: Connection timed out", 255),
+        ("rsync error: timeout in data send/receive (code 30)", 30),
+    ]
+    for stderr, code in transient:
+        assert type(dest.classify(stderr, "upload", code)) is DestinationFailed, stderr
+    permanent = [
+        ('rsync: [Receiver] mkdir "/b/pg" failed: No such file or directory (2)', 11),
+        ('rsync: [Receiver] mkstemp "/b/x" failed: Permission denied (13)', 23),
+        ("u@h: Permission denied (publickey).", 255),
+        ("Host key verification failed.", 255),
+        ('rsync: [Receiver] write failed on "/b/x": No space left on device (28)', 11),
+    ]
+    for stderr, code in permanent:
+        assert isinstance(dest.classify(stderr, "upload", code), DestinationRefused), stderr
+    assert not isinstance(dest.classify("something odd", "upload", 2), DestinationFailed)  # unknown: not retried

@@ -97,7 +97,10 @@ def test_record_must_name_its_own_file(tmp_path):
     record = json.loads(backup.record_path.read_text())
     record["file"] = "something_else.sql.gz"
     backup.record_path.write_text(json.dumps(record))
-    assert store.list_backups(tmp_path, "pg") == []
+    [listed] = store.list_backups(tmp_path, "pg")  # shown, but as a backup with an invalid record
+    assert "'file' is 'something_else.sql.gz'" in listed.problem and not listed.verified
+    assert store.latest_verified([listed]) is None
+    assert store.plan_retention([listed], {"daily": 1}, NOW + timedelta(days=365)) == []
 
 
 def test_prune_task_end_to_end(workspace, sample_db):
@@ -132,3 +135,69 @@ def test_permissions_log_and_dry_run(workspace, sample_db):
     log = (workspace.backup_dir / "backup.log").read_text().splitlines()
     assert any(" INFO pg: verified backup " in line for line in log)
     assert all(line[:4].isdigit() and line[4] == "-" for line in log)
+
+
+GOOD = {
+    "name": "pg",
+    "tier": "daily",
+    "created": "2026-11-26T02:00:03Z",
+    "file": "backup_20261126_020003.sql.gz",
+    "size": 10,
+    "sha256": "a" * 64,
+    "verified": {"ok": True, "checks": ["sha256"]},
+    "engine_meta": {"tables": {"public.t": 3}},
+    "destinations": {"nas": {"verified_at": "2026-11-26T02:01:00Z", "size": 10}},
+}
+
+
+def test_validate_record_names_what_is_wrong():
+    assert store.validate_record(GOOD, GOOD["file"]) is None
+    cases = {
+        "created": ("yesterday", "'created' is 'yesterday'"),
+        "tier": ("hourly", "'tier' is 'hourly'"),
+        "size": (10**400, "'size' is int"),
+        "sha256": (12, "'sha256' is int"),
+        "verified": ({"ok": "yes"}, "'verified' is dict"),
+        "engine_meta": ({"tables": {"t": "3"}}, "'engine_meta'"),
+        "destinations": ({"nas": [1]}, "'destinations'"),
+        "name": (None, "'name' is NoneType"),
+    }
+    for key, (value, needle) in cases.items():
+        problem = store.validate_record({**GOOD, key: value}, GOOD["file"])
+        assert problem is not None and needle in problem, (key, problem)
+    assert "'tier'" in store.validate_record({k: v for k, v in GOOD.items() if k != "tier"}, GOOD["file"])
+    assert store.validate_record([GOOD], GOOD["file"]) == "not a JSON object but a list"
+    assert "'created' is" in store.validate_record({**GOOD, "created": "x" * 10_000}, GOOD["file"])
+    assert len(store.validate_record({**GOOD, "created": "x" * 10_000}, GOOD["file"])) < 200  # one short line
+    assert store.validate_record({**GOOD, "size": True}, GOOD["file"]) is not None  # a bool is not a size
+
+
+def test_write_atomic_never_follows_a_link_at_its_temp_name(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    target = tmp_path / "record.json"
+    (tmp_path / f"{store.TEMP_PREFIX}record.json.{os.getpid()}").symlink_to(victim)
+    store.write_atomic(target, b"new")
+    assert victim.read_text() == "precious" and target.read_bytes() == b"new"
+    assert not target.is_symlink() and target.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_record_that_is_a_link_is_not_followed(tmp_path):
+    backup = fake(tmp_path, "pg", "daily", 1)
+    outside = tmp_path / "outside.json"
+    outside.write_text(backup.record_path.read_text())
+    backup.record_path.unlink()
+    backup.record_path.symlink_to(outside)
+    loaded = store.load(backup.path)
+    assert loaded is not None and loaded.problem == "the record is a symbolic link" and not loaded.verified
+
+
+def test_a_record_that_is_a_fifo_or_a_directory_cannot_block_or_crash(tmp_path):
+    fifo = fake(tmp_path, "pg", "daily", 1)
+    fifo.record_path.unlink()
+    os.mkfifo(fifo.record_path)
+    folder = fake(tmp_path, "pg", "daily", 2)
+    folder.record_path.unlink()
+    folder.record_path.mkdir()
+    problems = sorted(b.problem for b in store.list_backups(tmp_path, "pg"))
+    assert problems == ["cannot read it: Is a directory", "cannot read it: not a regular file"]

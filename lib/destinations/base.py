@@ -91,16 +91,10 @@ def parse_record(text: bytes | str, filename: str) -> dict[str, Any] | None:
     """A remote ``<file>.json`` as a record of ours, or None when it is not one."""
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    if not isinstance(record, dict) or record.get("file") != filename or "created" not in record:
-        return None
-    if record.get("tier") not in store.TIERS or not isinstance(record.get("name"), str):
-        return None
-    try:
-        store.parse_iso(record["created"])
-    except (TypeError, ValueError):
-        return None
+    if store.validate_record(record, filename) is not None or record["tier"] not in store.TIERS:
+        return None  # also wrong types, huge numbers, a safety copy's record
     return record
 
 

@@ -10,6 +10,7 @@ record uploaded. ssh always checks the host key against the configured known_hos
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
 import shlex
@@ -34,12 +35,53 @@ from lib.destinations.base import (
     remote_record,
     require_file,
 )
+from lib.errors import RunFailed
 from lib.exec import require_binary, tail_text
 from lib.stream import sha256_file
 
 REMOTE_RE = re.compile(r"^(?P<host>[^/:]+):(?P<path>.*)$")  # rsync's rule: a colon before any slash
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 PARTIAL_DIR = ".rsync-partial"
+#: rsync 3.2.3 brought --mkpath (create the destination's missing folders)
+MKPATH_VERSION = (3, 2, 3)
+#: failures retrying cannot fix, with the fix to name (checked before the transient ones)
+PERMANENT = (
+    ("No such file or directory", "check that target {root} is the right path on the server"),
+    ("Not a directory", "a part of target {root} is a file on the server; fix target"),
+    ("Permission denied", "the account cannot write to {root} on the server; fix its permissions"),
+    ("Operation not permitted", "the account cannot write to {root} on the server; fix its permissions"),
+    ("Read-only file system", "{root} is on a read-only filesystem on the server"),
+    ("No space left on device", "the server's disk holding {root} is full; free space there"),
+    ("Disk quota exceeded", "the account's quota on the server is used up; free space there"),
+)
+#: signs of transient trouble (lower case): the connection was refused, reset, closed or timed out
+TRANSIENT = (
+    "connection refused",
+    "connection reset",
+    "connection timed out",
+    "timed out",
+    "timeout",
+    "connection closed",
+    "closed by remote host",
+    "connection unexpectedly closed",
+    "broken pipe",
+    "no route to host",
+    "network is unreachable",
+    "kex_exchange_identification",
+)
+#: rsync exit codes of transient trouble: socket I/O (10), stream cut (12), timeouts (30, 35)
+TRANSIENT_CODES = (10, 12, 30, 35)
+
+
+@functools.cache
+def rsync_version() -> tuple[int, ...]:
+    """The local rsync's version, e.g. (3, 2, 7); (0,) when it cannot be told."""
+    try:
+        out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return (0,)
+    match = re.search(r"version\s+(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(part) for part in match.groups()) if match else (0,)
 
 
 class RsyncDestination(Destination):
@@ -171,7 +213,10 @@ class RsyncDestination(Destination):
         return f"ssh-keyscan -p {self.port} {self.host} >> {self.known_hosts}"
 
     def classify(self, stderr: str, what: str, code: int) -> Exception:
-        """Our error for a failed rsync/ssh: refusals (host key, key) are not retried."""
+        """Our error for a failed rsync/ssh. Only transient trouble (connection refused, reset or
+        closed, timeouts) is a DestinationFailed, which ``retrying`` retries; refusals (host key,
+        key, no such file, permission denied, read-only, disk full) are DestinationRefused and
+        anything else a RunFailed: both fail at once."""
         if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
             return DestinationRefused(
                 f"destination '{self.name}': host key of {self.host_id} CHANGED; ssh refused to connect (possible man-in-the-middle). "
@@ -192,7 +237,15 @@ class RsyncDestination(Destination):
             return DestinationRefused(
                 f"destination '{self.name}': ssh cannot use {self.identity} ({tail_text(stderr.encode(), 200)}); chmod 600 it"
             )
-        return DestinationFailed(f"{what}: rsync exit status {code}: {tail_text(stderr.encode()) or 'no message'}")
+        said = tail_text(stderr.encode()) or "no message"
+        for pattern, fix in PERMANENT:
+            if pattern in stderr:
+                return DestinationRefused(
+                    f"destination '{self.name}': {what} failed (not retried): {said}; {fix.format(root=self.root)}"
+                )
+        if code in TRANSIENT_CODES or any(pattern in stderr.lower() for pattern in TRANSIENT):
+            return DestinationFailed(f"{what}: rsync exit status {code}: {said}")
+        return RunFailed(f"destination '{self.name}': {what} failed (rsync exit status {code}, not retried): {said}")
 
     def run(self, args: list[str], what: str, missing_ok: bool = False) -> str | None:
         """Run rsync with ``args``; its stdout, or None when ``missing_ok`` and the source is missing."""
@@ -207,6 +260,35 @@ class RsyncDestination(Destination):
         if missing_ok and proc.returncode in (12, 23) and "No such file or directory" in proc.stderr:  # 12: rrsync
             return None
         raise self.classify(proc.stderr, what, proc.returncode)
+
+    def upload_creating_root(self, args: list[str], what: str) -> None:
+        """rsync ``args`` (sources) into the root, creating the root's missing folders on a remote
+        server first (as SFTP does): with --mkpath when both rsyncs know it, else ``mkdir -p``
+        over ssh (the path quoted for the remote shell). A local target is never created: a
+        missing one is usually an unmounted disk."""
+        if not self.host_spec:
+            self.run([*args, self.location() + "/"], what)
+            return
+        if rsync_version() >= MKPATH_VERSION:
+            try:
+                self.run(["--mkpath", *args, self.location() + "/"], what)
+                return
+            except DestinationRefused as exc:
+                if "mkpath" not in str(exc):  # not an old rsync on the server refusing the option
+                    raise
+        self.make_root()
+        self.run([*args, self.location() + "/"], what)
+
+    def make_root(self) -> None:
+        """``mkdir -p`` the root on the server over ssh (a restricted rsync-only account refuses
+        it: then the root must exist)."""
+        argv = [*self.ssh_argv(), str(self.host_spec), "mkdir -p -- " + shlex.quote(self.root)]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise DestinationFailed(f"creating {self.root} on {self.host}: ssh timed out") from None
+        if proc.returncode != 0:
+            raise self.classify(proc.stderr, f"creating {self.root}", proc.returncode)
 
     def _delete_in(self, relative_dir: str, names: list[str]) -> None:
         """Delete exactly ``names`` in ``<root>/<relative_dir>``: an empty directory synced with --delete,
@@ -241,18 +323,8 @@ class RsyncDestination(Destination):
         base = backup.path.parent.parent.parent
         sources = [f"{base}/./{relative}/{p.name}" for p in (backup.path, backup.sha256_path)]
         started = time.monotonic()
-        self.run(
-            [
-                "-R",
-                "-t",
-                "--perms",
-                "--chmod=D0700,F0600",
-                f"--partial-dir={PARTIAL_DIR}",
-                *sources,
-                self.location() + "/",
-            ],
-            f"upload of {backup.path.name}",
-        )
+        upload = ["-R", "-t", "--perms", "--chmod=D0700,F0600", f"--partial-dir={PARTIAL_DIR}", *sources]
+        self.upload_creating_root(upload, f"upload of {backup.path.name}")
         seconds = time.monotonic() - started
         diff = self.run(
             ["--checksum", "--dry-run", "--itemize-changes", str(backup.path), self.location(relative) + "/"],
@@ -327,7 +399,7 @@ class RsyncDestination(Destination):
         )
         path = local_dir / remote.file
         if not path.is_file():
-            raise DestinationFailed(f"download of {remote.file}: the file is gone from {self.label()}")
+            raise DestinationRefused(f"download of {remote.file}: the file is gone from {self.label()}")
         return path
 
     def delete(self, remote: RemoteBackup) -> None:

@@ -122,8 +122,10 @@ class Postgres(Engine):
 
     def dump_stages(self, db: DatabaseSpec, place: Place) -> list[Stage]:
         # Owners and privileges are kept (as the old scripts' dumps did); a restore onto a server
-        # without the roles leaves them out with --no-owner / --no-privileges.
-        command = ["pg_dump"]
+        # without the roles leaves them out with --no-owner / --no-privileges. A table locked by
+        # another session fails the dump after lock_wait_timeout seconds, never hangs it.
+        timeout_ms = max(1, round(float(db.options.get("lock_wait_timeout", 60)) * 1000))
+        command = ["pg_dump", f"--lock-wait-timeout={timeout_ms}"]
         if self.fmt(db) == "custom":
             command += ["-Fc"]
             if db.options.get("compression_level"):
