@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,14 +17,13 @@ from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
 from lib.diskguard import check_free_space
 from lib.engines import engine_for_file, get_engine
-from lib.errors import InputError, RunFailed, StageFailed, ToolError, VerificationFailed
+from lib.errors import InputError, RunFailed, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
 from lib.progress import progress as progress_line
 from lib.stream import (
     FileSink,
     PipelineResult,
     Stage,
-    StageResult,
     TailSink,
     Tap,
     run_pipeline,
@@ -218,25 +216,6 @@ def store_failure(exc: OSError, directory: Path) -> RunFailed:
     return RunFailed(f"cannot write {where}: {reason}; {fix}")
 
 
-LOCK_QUERY_RE = re.compile(r"LOCK TABLE (\S+) IN ")
-
-
-def explain_lock_timeout(db: DatabaseSpec, cause: StageResult | None) -> None:
-    """Raise StageFailed naming the lock when the dump gave up waiting for a table lock
-    (pg_dump --lock-wait-timeout, see the postgres engine's lock_wait_timeout); else nothing."""
-    if cause is None or "statement timeout" not in cause.stderr:
-        return
-    match = LOCK_QUERY_RE.search(cause.stderr)
-    if match is None:
-        return
-    seconds = float(db.options.get("lock_wait_timeout", 60))
-    raise StageFailed(
-        cause.name,
-        f"table {match[1]} stayed locked by another session for lock_wait_timeout ({seconds:g}s)",
-        "find the holder in pg_locks/pg_stat_activity and end it, or raise lock_wait_timeout in backup.yml",
-    )
-
-
 def write_verified(
     spec: Spec,
     db: DatabaseSpec,
@@ -271,7 +250,7 @@ def write_verified(
             f"{final_name} failed verification {when}: {cause.name} exited with status {cause.returncode}: "
             f"{cause.stderr or 'no message'}"
         )
-    explain_lock_timeout(db, cause)
+    engine.explain_dump_failure(db, cause)
     result.raise_for_status()
     if result.size == 0:
         raise VerificationFailed(f"{db.name}: the dump produced no bytes")

@@ -110,6 +110,11 @@ class Engine:
         """Stages producing the raw dump on stdout."""
         raise NotImplementedError
 
+    def explain_dump_failure(self, db: DatabaseSpec, cause: Any) -> None:
+        """Given the stage result that broke a backup's pipeline (stream.StageResult, or None),
+        raise a clearer ToolError when the engine recognises the cause (e.g. a lock wait that
+        timed out); else return and let the generic error stand."""
+
     def inspect_stages(self, db: DatabaseSpec, place: Place | None) -> list[Stage]:
         """Stages reading a raw dump on stdin and writing a short summary to stdout."""
         raise NotImplementedError

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ log = logging.getLogger("backup")
 # The dump check stage: lib/engines/pgdump.py run isolated (-I: no site packages, no environment
 # variables, no current directory on the path), reading the dump on stdin.
 READER = Path(__file__).resolve().parent / "pgdump.py"
+LOCK_QUERY_RE = re.compile(r"LOCK TABLE (\S+) IN ")
 
 # The restored database's regular and partitioned tables and materialized views, one line each: hex-encoded (so no
 # character in a name can confuse the parsing) quote_ident form, every-part-quoted form, and the
@@ -132,6 +134,21 @@ class Postgres(Engine):
                 command += [f"-Z{min(db.options['compression_level'], 9)}"]
         command += list(db.options.get("dump_args", [])) + self.conn_args(db, db.database)
         return [Stage("pg_dump", place.argv(command), env=place.env())]
+
+    def explain_dump_failure(self, db: DatabaseSpec, cause: Any) -> None:
+        """pg_dump gave up waiting for a table lock (--lock-wait-timeout): name the table and the
+        setting (StageFailed); else nothing."""
+        if cause is None or "statement timeout" not in cause.stderr:
+            return
+        match = LOCK_QUERY_RE.search(cause.stderr)
+        if match is None:
+            return
+        seconds = float(db.options.get("lock_wait_timeout", 60))
+        raise StageFailed(
+            cause.name,
+            f"table {match[1]} stayed locked by another session for lock_wait_timeout ({seconds:g}s)",
+            "find the holder in pg_locks/pg_stat_activity and end it, or raise lock_wait_timeout in backup.yml",
+        )
 
     # -- verification ------------------------------------------------------------------------
     def inspect_stages(self, db: DatabaseSpec, place: Place | None) -> list[Stage]:
