@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lib import store
-from lib.errors import InputError, LockHeld, StageFailed, ToolError, VerificationFailed
+from lib.errors import InputError, LockHeld, RunInterrupted, StageFailed, ToolError, VerificationFailed
 
 LAST_RUN = "last_run.json"
 DRILLS = "drills.json"
@@ -31,7 +31,10 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def stage_of(exc: ToolError, default: str = "backup") -> str:
-    """Which step failed, for hooks and state: the pipeline stage, 'verify', 'lock', 'preflight'."""
+    """Which step failed, for hooks and state: the pipeline stage, 'verify', 'lock', 'preflight',
+    'interrupted'."""
+    if isinstance(exc, RunInterrupted):
+        return "interrupted"
     if isinstance(exc, StageFailed):
         return exc.stage
     if isinstance(exc, VerificationFailed):
@@ -56,16 +59,17 @@ def record_run(
     backup: store.Backup | None = None,
     error: ToolError | None = None,
 ) -> dict[str, Any]:
-    """Remember one backup attempt of ``name`` (and count it). Returns the stored entry."""
+    """Remember one backup attempt of ``name`` (and count it). Returns the stored entry.
+    Its status is 'success', 'failure', or 'interrupted' (``error`` a RunInterrupted)."""
     previous = last_run(backup_dir, name) or {}
     runs = dict(previous.get("runs") or {})
-    status = "success" if ok else "failure"
+    status = "success" if ok else ("interrupted" if isinstance(error, RunInterrupted) else "failure")
     runs[status] = int(runs.get(status, 0)) + 1
     entry: dict[str, Any] = {
         "status": status,
         "finished": store.iso(store.utcnow()),
         "seconds": round(seconds, 3),
-        "runs": {"success": int(runs.get("success", 0)), "failure": int(runs.get("failure", 0))},
+        "runs": {key: int(runs.get(key, 0)) for key in ("success", "failure", "interrupted")},
     }
     if backup is not None:
         entry.update({"file": backup.path.name, "size": backup.record.get("size")})

@@ -34,7 +34,7 @@ from lib.destinations.base import (
     remote_record,
     require_file,
 )
-from lib.exec import require_binary, tail_text
+from lib.exec import child_preexec, require_binary, tail_text
 from lib.stream import sha256_file
 
 REMOTE_RE = re.compile(r"^(?P<host>[^/:]+):(?P<path>.*)$")  # rsync's rule: a colon before any slash
@@ -198,7 +198,10 @@ class RsyncDestination(Destination):
         """Run rsync with ``args``; its stdout, or None when ``missing_ok`` and the source is missing."""
         argv = [*self.base_argv(), *args]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            # dies with this tool even by SIGKILL: no upload goes on outside the run lock
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, preexec_fn=child_preexec()
+            )
         except FileNotFoundError:
             require_binary("rsync")
             raise
