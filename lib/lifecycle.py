@@ -253,12 +253,12 @@ def tidy_quietly(spec: Spec) -> Report:
 def for_status(spec: Spec, names: list[str] | None = None) -> Report | None:
     """For ``invoke status``: when no run holds the lock, reopen databases left closed by an
     interrupted swap and report (without removing) every other leftover; None while a run holds
-    the lock (its own scratch database and temp files are not leftovers) or before backup_dir
-    exists (no run ever held its lock)."""
+    the lock (its own scratch database and temp files are not leftovers). Before backup_dir
+    exists no run ever held its lock, so there is none to take (status creates nothing)."""
     from lib.lock import run_lock
 
     if not spec.backup_dir.is_dir():
-        return None
+        return tidy(spec, names, remove=False)
     try:
         with run_lock(spec.backup_dir, "status"):
             return tidy(spec, names, remove=False)
