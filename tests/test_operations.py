@@ -70,6 +70,7 @@ DB_KEYS = {
     "last_run",
     "last_drill",
     "last_successful_drill",
+    "leftovers",
     "problems",
 }
 BACKUP_KEYS = {"file", "path", "tier", "created", "age_seconds", "size", "verified", "encryption", "destinations"}
