@@ -38,6 +38,8 @@ SCRATCH_RE = re.compile(r"^(?P<head>.*)_(?P<kind>restoring|pre_restore|drill)_\d
 FETCH_PREFIX = ".fetch-"
 #: libpq's connect timeout for these checks: an unreachable server never stalls a run
 CONNECT_TIMEOUT = "10"
+#: the lock holder name of status's short check (lib/lock.py lets a run wait that out)
+STATUS_HOLDER = "status"
 
 
 @dataclass
@@ -245,7 +247,7 @@ def tidy_quietly(spec: Spec) -> Report:
     problem is a warning, never the reason a run fails."""
     try:
         return tidy(spec)
-    except (ToolError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a backup or restore
         log.warning("could not look for leftovers of interrupted runs: %s", exc)
         return Report()
 
@@ -257,10 +259,12 @@ def for_status(spec: Spec, names: list[str] | None = None) -> Report | None:
     exists no run ever held its lock, so there is none to take (status creates nothing)."""
     from lib.lock import run_lock
 
-    if not spec.backup_dir.is_dir():
-        return tidy(spec, names, remove=False)
     try:
-        with run_lock(spec.backup_dir, "status"):
+        if not spec.backup_dir.is_dir():
             return tidy(spec, names, remove=False)
-    except ToolError:  # LockHeld: a run is live
+        with run_lock(spec.backup_dir, STATUS_HOLDER):
+            return tidy(spec, names, remove=False)
+    except (ToolError, OSError) as exc:  # LockHeld: a run is live; OSError: e.g. a read-only backup_dir
+        if not isinstance(exc, ToolError):
+            log.warning("could not look for leftovers of interrupted runs: %s", exc)
         return None

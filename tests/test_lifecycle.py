@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -143,10 +144,45 @@ HOLDER = """
 import sys
 from pathlib import Path
 from lib.lock import run_lock
-with run_lock(Path(sys.argv[1]), "test holder"):
+with run_lock(Path(sys.argv[1]), sys.argv[2]):
     print("locked", flush=True)
     sys.stdin.read()
 """
+
+
+def hold_lock(workspace, command: str = "test holder") -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(workspace.backup_dir), command],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout.readline().strip() == b"locked"
+    return proc
+
+
+def test_a_run_waits_out_the_moment_status_holds_the_lock(workspace, sample_db):
+    """status takes the lock for its leftover check; a nightly backup starting then must not fail."""
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    workspace.backup_dir.mkdir()
+    holder = hold_lock(workspace, "status")
+    releaser = threading.Timer(1.5, holder.stdin.close)
+    releaser.start()
+    try:
+        result = workspace.invoke("backup", "--all")
+    finally:
+        releaser.join()
+        holder.wait()
+    assert result.returncode == 0, result.stderr
+    other = hold_lock(workspace)  # any other holder: refused at once, as before
+    try:
+        started = time.monotonic()
+        result = workspace.invoke("backup", "--all")
+        assert result.returncode == 1 and "another run holds the lock" in result.stderr
+        assert time.monotonic() - started < 8
+    finally:
+        other.stdin.close()
+        other.wait()
 
 
 def test_a_live_runs_files_and_scratch_database_are_never_touched(workspace, sample_db):
@@ -159,14 +195,8 @@ def test_a_live_runs_files_and_scratch_database_are_never_touched(workspace, sam
     live.write_text("being written")
     scratch = f"{sample_db.name}_restoring_20300101_000000"
     psql(f'CREATE DATABASE "{scratch}";')
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(workspace.backup_dir)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
+    holder = hold_lock(workspace)
     try:
-        assert holder.stdout.readline().strip() == b"locked"
         doctor = workspace.invoke("doctor")
         assert doctor.returncode == 1 and "another run holds the lock" in doctor.stderr
         status = workspace.invoke("status")
