@@ -202,3 +202,20 @@ def test_children_die_with_a_sigkilled_restore_and_the_next_run_drops_its_scratc
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "dropped scratch database" in doctor.stdout
     assert databases_like(db.name) == [db.name]
+
+
+def test_sigterm_stops_a_drill_drops_its_throwaway_and_runs_the_hook(workspace, slow_restore):
+    db = slow_restore
+    config = workspace.postgres_config(db.name, format="custom", restore_jobs=1)
+    config["notify"] = {"on_failure": [sys.executable, "-c", HOOK]}
+    workspace.write_config(config)
+    proc = start(workspace, "drill")
+    wait_for(lambda: sessions(f"datname LIKE '{db.name}_drill_%' AND query LIKE 'COPY%'") >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert databases_like(db.name) == [db.name]
+    hook = json.loads((workspace.path / "hook.json").read_text())
+    assert hook["BACKUP_RUN"] == "drill" and hook["BACKUP_STATUS"] == "interrupted"
+    assert hook["BACKUP_STAGE"] == "interrupted"
