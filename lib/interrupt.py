@@ -50,9 +50,11 @@ def _handler(signum: int, _frame) -> None:
 
 def install() -> None:
     """Route SIGTERM and SIGHUP to ``Interrupted`` (only possible in the main thread; a no-op
-    elsewhere)."""
+    elsewhere). A signal this process was started with ignored stays ignored (``nohup invoke
+    backup --all`` must survive the terminal closing)."""
     if threading.current_thread() is not threading.main_thread():
         return
     _state["raised"] = False
     for signum in HANDLED:
-        signal.signal(signum, _handler)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _handler)

@@ -219,3 +219,31 @@ def test_sigterm_stops_a_drill_drops_its_throwaway_and_runs_the_hook(workspace, 
     hook = json.loads((workspace.path / "hook.json").read_text())
     assert hook["BACKUP_RUN"] == "drill" and hook["BACKUP_STATUS"] == "interrupted"
     assert hook["BACKUP_STAGE"] == "interrupted"
+
+
+def test_a_sighup_ignored_by_nohup_stays_ignored(workspace, sample_db):
+    """nohup starts the tool with SIGHUP ignored: closing the terminal must not stop the backup."""
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    locker = hold_table_lock(sample_db.name, "users")
+    try:
+        argv = ["nohup", sys.executable, "-m", "invoke", "-r", str(ROOT), "backup", "--all", "--tier", "daily"]
+        proc = subprocess.Popen(
+            [*argv, "--config", str(workspace.config)],
+            cwd=workspace.path,
+            env=workspace.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        dumping = f"datname = '{sample_db.name}' AND application_name = 'pg_dump' AND wait_event_type = 'Lock'"
+        wait_for(lambda: sessions(dumping) == 1, proc)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+    finally:
+        locker.stdin.close()
+        locker.wait()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert len(workspace.backups()) == 1
