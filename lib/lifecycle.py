@@ -181,7 +181,7 @@ def _tidy_server(spec: Spec, databases: list[DatabaseSpec], remove: bool, report
             scratch.append((name, sessions))
             head = match["head"]
             if head in state and not state[head][0]:
-                closed.add(head)  # a restore --into HEAD died inside its swap
+                closed.add(head)  # the restore into HEAD (a drill's throwaway, say) died inside its swap
         for name in sorted(closed):
             sql = f"ALTER DATABASE {_quote(name)} WITH ALLOW_CONNECTIONS true;"
             try:
