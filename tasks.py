@@ -305,7 +305,7 @@ def drill(c, db=None, from_=None, local_server=False, wait=None, config=None):
 
     spec = spec_and_log(config)
     databases = spec.select(db)
-    with locked(spec, "drill", wait):
+    with locked(spec, "drill", wait, tidy=not local_server):  # --local-server: the live server is not used
         results = run_drills(spec, databases, source=from_, local_server=local_server)
     if any(not r["ok"] for r in results.values()):
         raise Exit("FAILED: " + summary(results), code=1)

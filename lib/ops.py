@@ -24,12 +24,13 @@ log = logging.getLogger("backup")
 
 
 @contextlib.contextmanager
-def locked(spec: Spec, command: str, wait: str | float | None = None) -> Iterator[Path]:
+def locked(spec: Spec, command: str, wait: str | float | None = None, tidy: bool = True) -> Iterator[Path]:
     """Hold the run lock of spec.backup_dir for the block (``wait``: --wait SECONDS as given),
-    first repairing what killed runs left (lib/lifecycle.py). Raises InputError for a bad
-    --wait, LockHeld when another run holds the lock."""
+    first (with ``tidy``) repairing what killed runs left (lib/lifecycle.py). Raises InputError
+    for a bad --wait, LockHeld when another run holds the lock."""
     with run_lock(spec.backup_dir, command, parse_wait(wait)) as path:
-        tidy_quietly(spec)
+        if tidy:
+            tidy_quietly(spec)
         yield path
 
 
