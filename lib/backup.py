@@ -390,7 +390,8 @@ def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = No
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (lib/interrupt.py): cleaned up by now
             outcome.failed[db.name] = RunInterrupted(f"interrupted by {interrupt.signal_name(exc)}")
             outcome.interrupted = exc
-            log.error("%s: backup INTERRUPTED by %s; nothing of it was kept", db.name, interrupt.signal_name(exc))
+            kept = "its verified backup is stored" if db.name in outcome.made else "nothing of it was kept"
+            log.error("%s: backup INTERRUPTED by %s; %s", db.name, interrupt.signal_name(exc), kept)
         outcome.seconds[db.name] = time.monotonic() - started
         if outcome.interrupted is not None:
             break
