@@ -60,6 +60,8 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
         "all": "Disaster recovery: restore every configured database from its newest verified backup (--file latest).",
         "from_": "Download the backup (--file latest or a file name from invoke list --dest NAME) from this "
         "off-site destination and verify it first; with --all, every database's newest verified copy.",
+        "force_target": "Allow --into a maintenance/template database or one configured under another name, "
+        "and a backup of another configured database (refused by default).",
         "wait": WAIT_HELP,
         "config": CONFIG_HELP,
         "no_owner": "Leave out who owns what (objects and the database are owned by the restoring user), "
@@ -79,6 +81,7 @@ def restore(
     drop_previous=False,
     all=False,
     from_=None,
+    force_target=False,
     wait=None,
     config=None,
     no_owner=False,
@@ -103,6 +106,7 @@ def restore(
             from_dest=from_,
             no_owner=no_owner,
             no_privileges=no_privileges,
+            force_target=force_target,
         )
     print(
         f"restored {summary['file']} into {summary['target']}"
@@ -261,13 +265,40 @@ def status(c, json=False, db=None, config=None):
     """Newest backups, age, size, verified state, off-site copies, last run and drill. Exit 1 on a problem."""
     import json as jsonlib
 
+    from lib.lifecycle import for_status
     from lib.status import collect, render_text
 
     spec = spec_and_log(config, with_file_log=False)
-    report = collect(spec, db)
+    report = collect(spec, db, leftovers=for_status(spec, db))
     print(jsonlib.dumps(report, indent=2, sort_keys=True) if json else render_text(report))
     if not report["ok"]:
         raise Exit(code=1)
+
+
+@task(
+    iterable=["db"],
+    help={
+        "db": "Only this database; repeatable (backup_dir's own download and temp files are always checked).",
+        "wait": WAIT_HELP,
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def doctor(c, db=None, wait=None, config=None):
+    """Repair what killed runs left: reopen a database an interrupted restore left closed, drop scratch databases, remove temp/download files and orphan sidecars. Exit 1 if any is left."""
+    from lib.lifecycle import tidy
+    from lib.lock import parse_wait, run_lock
+
+    spec = spec_and_log(config)
+    with run_lock(spec.backup_dir, "doctor", parse_wait(wait)):
+        report = tidy(spec, db or None)
+    for line in report.done:
+        print(line)
+    if report.left:
+        for item in report.left:
+            print(f"{item.database or 'backup_dir'}: {item.text()}")
+        raise Exit(f"FAILED: {len(report.left)} leftover(s) could not be removed; run the command(s) above", code=1)
+    print(f"doctor: repaired {len(report.done)} leftover(s)" if report.done else "doctor: nothing to repair")
 
 
 @task(
@@ -287,7 +318,7 @@ def drill(c, db=None, from_=None, local_server=False, wait=None, config=None):
 
     spec = spec_and_log(config)
     databases = spec.select(db)
-    with locked(spec, "drill", wait):
+    with locked(spec, "drill", wait, tidy=not local_server):  # --local-server: the live server is not used
         results = run_drills(spec, databases, source=from_, local_server=local_server)
     if any(not r["ok"] for r in results.values()):
         raise Exit("FAILED: " + summary(results), code=1)

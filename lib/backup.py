@@ -13,11 +13,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from lib import compress, crypto, store
+from lib import compress, crypto, interrupt, store
 from lib.config import DatabaseSpec, Spec
 from lib.diskguard import check_free_space
 from lib.engines import engine_for_file, get_engine
-from lib.errors import InputError, RunFailed, ToolError, VerificationFailed
+from lib.errors import InputError, RunFailed, RunInterrupted, ToolError, VerificationFailed
 from lib.exec import Place, require_binary
 from lib.progress import progress as progress_line
 from lib.stream import (
@@ -409,6 +409,9 @@ class RunOutcome:
     failed: dict[str, ToolError] = field(default_factory=dict)
     offsite_failed: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Ctrl-C, SIGTERM or SIGHUP stopped the run (the databases after it were not attempted);
+    #: the caller reports the run, then raises this again
+    interrupted: KeyboardInterrupt | None = None
 
     @property
     def exit_code(self) -> int:
@@ -446,5 +449,12 @@ def backup_many(spec: Spec, databases: list[DatabaseSpec], tier: str | None = No
         except ToolError as exc:
             outcome.failed[db.name] = exc
             log.error("%s: backup FAILED: %s", db.name, exc)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (lib/interrupt.py): cleaned up by now
+            outcome.failed[db.name] = RunInterrupted(f"interrupted by {interrupt.signal_name(exc)}")
+            outcome.interrupted = exc
+            kept = "its verified backup is stored" if db.name in outcome.made else "nothing of it was kept"
+            log.error("%s: backup INTERRUPTED by %s; %s", db.name, interrupt.signal_name(exc), kept)
         outcome.seconds[db.name] = time.monotonic() - started
+        if outcome.interrupted is not None:
+            break
     return outcome

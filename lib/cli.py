@@ -10,23 +10,25 @@ from collections.abc import Callable
 
 from invoke.exceptions import Exit
 
+from lib import interrupt
 from lib import log as logsetup
 from lib.config import Spec, load_spec
 from lib.errors import InputError, ToolError
 
-INTERRUPTED = "interrupted (Ctrl-C); see the log for what was completed"
+INTERRUPTED = "interrupted ({how}); see the log for what was completed"
 #: exit status when stdout's reader went away (e.g. ``invoke list | head -1``), as for SIGPIPE
 BROKEN_PIPE_EXIT = 128 + 13
 
 
 def guarded(func: Callable) -> Callable:
     """Run a task body with umask 077; turn ToolError into a one-line message and its exit code,
-    Ctrl-C into one truthful line (exit 130) and a closed stdout pipe into a quiet exit 141.
-    Never a traceback for any of them."""
+    Ctrl-C, SIGTERM and SIGHUP (lib/interrupt.py) into one truthful line (exit 130, 143, 129)
+    and a closed stdout pipe into a quiet exit 141. Never a traceback for any of them."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         os.umask(0o077)
+        interrupt.install()
         try:
             try:
                 return func(*args, **kwargs)
@@ -39,8 +41,8 @@ def guarded(func: Callable) -> Callable:
             message = str(exc)
             prefix = "error: " if exc.exit_code == 2 else "FAILED: "
             raise Exit(prefix + message, code=exc.exit_code) from None
-        except KeyboardInterrupt:
-            raise Exit(INTERRUPTED, code=130) from None
+        except KeyboardInterrupt as exc:
+            raise Exit(INTERRUPTED.format(how=interrupt.signal_name(exc)), code=interrupt.exit_code(exc)) from None
 
     return wrapper
 

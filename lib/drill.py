@@ -19,11 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lib import history, store
+from lib import history, interrupt, store
 from lib.config import DatabaseSpec, Spec
 from lib.engines import get_engine
 from lib.engines.base import Engine
-from lib.errors import EnvironmentProblem, InputError, ToolError
+from lib.errors import EnvironmentProblem, InputError, RunInterrupted, ToolError
 from lib.localpg import throwaway_cluster
 from lib.metrics import write_metrics
 from lib.notify import Notifier, RunReport
@@ -168,7 +168,19 @@ def run_drills(
         fetcher(spec, source)  # refuse a bad --from before anything runs
     notifier = Notifier(spec, "drill", pings=False)
     started = time.monotonic()
-    results = {db.name: drill_one(spec, db, source, local_server) for db in databases}
+    results: dict[str, dict[str, Any]] = {}
+    for db in databases:
+        try:
+            results[db.name] = drill_one(spec, db, source, local_server)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the throwaway is dropped by now
+            stopped = RunInterrupted(f"interrupted by {interrupt.signal_name(exc)}")
+            failed = {name: _DrillFailed(r["error"]) for name, r in results.items() if not r["ok"]}
+            failed[db.name] = stopped
+            write_metrics(spec)
+            notifier.finish(
+                RunReport("drill", [*results, db.name], failed, f"drill {stopped}", time.monotonic() - started)
+            )
+            raise
     write_metrics(spec)
     failed = {name: _DrillFailed(r["error"]) for name, r in results.items() if not r["ok"]}
     notifier.finish(RunReport("drill", list(results), failed, summary(results), time.monotonic() - started))

@@ -56,3 +56,9 @@ class VerificationFailed(RunFailed):
 
 class LockHeld(RunFailed):
     """Another run holds the lock."""
+
+
+class RunInterrupted(RunFailed):
+    """A run stopped by Ctrl-C, SIGTERM or SIGHUP, as hooks, last_run.json and metrics see it
+    (stage 'interrupted'). The interrupt itself (a KeyboardInterrupt) is raised again after the
+    run was reported, so the process still exits 130/143/129."""

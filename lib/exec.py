@@ -12,10 +12,14 @@ under the name it expects (``PGPASSWORD``, ``LEMON_MONGO_CONFIG``) through ``Pla
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lib.errors import EnvironmentProblem, StageFailed
@@ -64,6 +68,46 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+#: prctl(2) option: the signal a child gets when the thread that started it dies (Linux)
+PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None = None
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once in the parent (never in a child between fork and exec)."""
+    global _prctl
+    if _prctl is None and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _prctl = libc.prctl
+        except (OSError, AttributeError):
+            return None
+    return _prctl
+
+
+def child_preexec() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for subprocess.Popen/run making the child die with this process: the
+    kernel sends it SIGKILL when the thread that started it ends, even when this process is
+    killed by SIGKILL (Linux prctl PR_SET_PDEATHSIG; the setting survives exec). A child whose
+    parent died before the setting took effect kills itself at once. None where prctl is
+    unavailable (then children are only killed by the cleanup of a clean exit or Ctrl-C).
+
+    The thread that starts the child must wait for it (as every caller in lib/ does): the signal
+    follows the thread, not the process. A child's own children are not covered: tools that fork
+    workers (pg_restore --jobs) end them when their input or connection goes away."""
+    prctl = _load_prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def require_binary(name: str) -> str:
@@ -126,6 +170,7 @@ class Place:
                 capture_output=True,
                 timeout=30,
                 env=child_env(),
+                preexec_fn=child_preexec(),
             )
         except subprocess.TimeoutExpired:
             raise EnvironmentProblem("docker inspect timed out; is the Docker daemon responsive?") from None
@@ -149,6 +194,7 @@ class Place:
                 env=self.env(),
                 timeout=timeout,
                 stdin=None if input is not None else subprocess.DEVNULL,
+                preexec_fn=child_preexec(),
             )
         except FileNotFoundError:
             require_binary(argv[0])

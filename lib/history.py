@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lib import store
-from lib.errors import InputError, LockHeld, StageFailed, ToolError, VerificationFailed
+from lib.errors import InputError, LockHeld, RunInterrupted, StageFailed, ToolError, VerificationFailed
 
 LAST_RUN = "last_run.json"
 DRILLS = "drills.json"
@@ -38,7 +38,10 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def stage_of(exc: ToolError, default: str = "backup") -> str:
-    """Which step failed, for hooks and state: the pipeline stage, 'verify', 'lock', 'preflight'."""
+    """Which step failed, for hooks and state: the pipeline stage, 'verify', 'lock', 'preflight',
+    'interrupted'."""
+    if isinstance(exc, RunInterrupted):
+        return "interrupted"
     if isinstance(exc, StageFailed):
         return exc.stage
     if isinstance(exc, VerificationFailed):
@@ -76,17 +79,18 @@ def record_run(
     backup: store.Backup | None = None,
     error: ToolError | None = None,
 ) -> dict[str, Any]:
-    """Remember one backup attempt of ``name`` (and count it). Returns the stored entry."""
+    """Remember one backup attempt of ``name`` (and count it). Returns the stored entry.
+    Its status is 'success', 'failure', or 'interrupted' (``error`` a RunInterrupted)."""
     previous = last_run(backup_dir, name) or {}
     runs = previous.get("runs") if isinstance(previous.get("runs"), dict) else {}
     counts = {k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53 else 0 for k, v in runs.items()}
-    status = "success" if ok else "failure"
+    status = "success" if ok else ("interrupted" if isinstance(error, RunInterrupted) else "failure")
     counts[status] = counts.get(status, 0) + 1
     entry: dict[str, Any] = {
         "status": status,
         "finished": store.iso(store.utcnow()),
         "seconds": round(seconds, 3),
-        "runs": {"success": counts.get("success", 0), "failure": counts.get("failure", 0)},
+        "runs": {key: counts.get(key, 0) for key in ("success", "failure", "interrupted")},
     }
     if backup is not None:
         entry.update({"file": backup.path.name, "size": backup.record.get("size")})

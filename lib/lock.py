@@ -25,6 +25,11 @@ from lib.errors import InputError, LockHeld
 
 LOCK_NAME = ".lock"
 POLL_SECONDS = 0.2
+#: holders that keep the lock for a moment only (``invoke status`` checking for leftovers of
+#: killed runs): a run without --wait waits this long for them instead of failing
+BRIEF_HOLDERS = {"status": 10.0}
+#: a holder that has not written its details yet has just taken the lock
+JUST_TAKEN_SECONDS = 1.0
 log = logging.getLogger("backup")
 
 
@@ -103,7 +108,8 @@ def run_lock(backup_dir: Path, command: str, wait: float | None = None) -> Itera
     """Hold the exclusive run lock of ``backup_dir`` for the ``with`` block.
 
     ``command`` (e.g. 'backup --all') is shown to a second run. Without ``wait`` a held lock
-    raises LockHeld at once; with ``wait`` seconds it polls until then. Yields the lock path.
+    raises LockHeld at once (after a few seconds' grace when the holder is a BRIEF_HOLDERS
+    check); with ``wait`` seconds it polls until then. Yields the lock path.
     """
     path = lock_path(backup_dir)
     try:
@@ -119,11 +125,15 @@ def run_lock(backup_dir: Path, command: str, wait: float | None = None) -> Itera
         deadline = time.monotonic() + wait if wait else None
         announced = False
         while not _try_lock(fd):
-            holder = describe_holder(read_holder(path))
+            info = read_holder(path)
+            holder = describe_holder(info)
+            brief = BRIEF_HOLDERS.get(str(info.get("command"))) or (0 if info.get("pid") else JUST_TAKEN_SECONDS)
+            if deadline is None and brief:
+                deadline = time.monotonic() + brief
             if deadline is None or time.monotonic() >= deadline:
                 hint = "pass --wait SECONDS to wait for it" if wait is None else f"gave up after waiting {wait:g}s"
                 raise LockHeld(f"another run holds the lock {path}: {holder}; {hint}")
-            if not announced:
+            if not announced and wait:
                 log.info("waiting up to %gs for the lock held by %s", wait, holder)
                 announced = True
             time.sleep(POLL_SECONDS)

@@ -70,7 +70,7 @@ def samples(report: dict[str, Any]) -> dict[str, list[tuple[dict[str, str], floa
             add("last_run_success", db, 1 if run.get("status") == "success" else 0)
             add("last_run_timestamp_seconds", db, _ts(run.get("finished")))
             add("last_run_duration_seconds", db, run.get("seconds"))
-            for status in ("success", "failure"):
+            for status in ("success", "failure", "interrupted"):
                 add("runs_total", {**db, "status": status}, (run.get("runs") or {}).get(status, 0))
         for tier, count in entry["counts"].items():
             add("kept_backups", {**db, "tier": tier}, count)

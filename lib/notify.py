@@ -26,7 +26,7 @@ from typing import Any
 
 from lib import log as logsetup
 from lib.config import Spec
-from lib.errors import ToolError
+from lib.errors import RunInterrupted, ToolError
 from lib.exec import child_env, tail_text
 from lib.history import stage_of
 
@@ -70,13 +70,20 @@ class RunReport:
     def ok(self) -> bool:
         return not self.failed
 
+    @property
+    def status(self) -> str:
+        """'success', 'failure', or 'interrupted' (Ctrl-C, SIGTERM, SIGHUP stopped the run)."""
+        if self.ok:
+            return "success"
+        return "interrupted" if any(isinstance(e, RunInterrupted) for e in self.failed.values()) else "failure"
+
 
 def hook_env(report: RunReport, log_path: str) -> dict[str, str]:
     """The BACKUP_* variables a hook receives (documented in the README)."""
     first = next(iter(report.failed), None)
     error = report.failed[first] if first else None
     return {
-        "BACKUP_STATUS": "success" if report.ok else "failure",
+        "BACKUP_STATUS": report.status,
         "BACKUP_RUN": report.run,
         "BACKUP_DATABASES": " ".join(report.databases),
         "BACKUP_FAILED": " ".join(report.failed),

@@ -15,6 +15,7 @@ from lib import history
 from lib.backup import RunOutcome, backup_many
 from lib.config import DatabaseSpec, Spec
 from lib.errors import LockHeld, RunFailed
+from lib.lifecycle import tidy_quietly
 from lib.lock import parse_wait, run_lock
 from lib.metrics import write_metrics
 from lib.notify import Notifier, RunReport
@@ -23,10 +24,13 @@ log = logging.getLogger("backup")
 
 
 @contextlib.contextmanager
-def locked(spec: Spec, command: str, wait: str | float | None = None) -> Iterator[Path]:
-    """Hold the run lock of spec.backup_dir for the block (``wait``: --wait SECONDS as given).
-    Raises InputError for a bad --wait, LockHeld when another run holds the lock."""
+def locked(spec: Spec, command: str, wait: str | float | None = None, tidy: bool = True) -> Iterator[Path]:
+    """Hold the run lock of spec.backup_dir for the block (``wait``: --wait SECONDS as given),
+    first (with ``tidy``) repairing what killed runs left (lib/lifecycle.py). Raises InputError
+    for a bad --wait, LockHeld when another run holds the lock."""
     with run_lock(spec.backup_dir, command, parse_wait(wait)) as path:
+        if tidy:
+            tidy_quietly(spec)
         yield path
 
 
@@ -54,6 +58,7 @@ def run_backups(
     notifier.start()
     try:
         with run_lock(spec.backup_dir, "backup " + " ".join(names), wait_seconds):
+            tidy_quietly(spec)
             outcome = backup_many(spec, databases, tier)
     except LockHeld as exc:
         log.error("backup not run: %s", exc)
@@ -68,6 +73,8 @@ def run_backups(
     if outcome.offsite_failed:  # a missing off-site copy is a failure worth an alert too
         failed["offsite"] = RunFailed("; ".join(outcome.offsite_failed))
     notifier.finish(RunReport("backup", names, failed, outcome.summary(), time.monotonic() - started))
+    if outcome.interrupted is not None:
+        raise outcome.interrupted  # reported above; the task exits 130/143/129
     return outcome
 
 

@@ -78,6 +78,67 @@ def pick_database(spec: Spec, engine: str, name: str | None) -> DatabaseSpec:
     return matches[0]
 
 
+#: databases a restore never replaces without --force-target, per engine (plus PostgreSQL's
+#: configured maintenance_database); template0 is refused even then
+RESERVED = {"postgres": ("postgres", "template0", "template1"), "mongodb": ("admin", "config", "local")}
+NEVER = {"postgres": ("template0",)}
+#: PostgreSQL truncates longer identifiers (two long --into names could hit one database);
+#: MongoDB refuses database names of 64 bytes or more
+MAX_NAME_BYTES = 63
+FORCE_HINT = "pass --force-target if you really mean it"
+
+
+def check_target(spec: Spec, db: DatabaseSpec, into: str | None, force: bool = False) -> None:
+    """Refuse an ``--into`` target that is not a plain database of the operator's: empty or
+    longer than 63 bytes (always), a maintenance or template database, or a database backup.yml
+    configures under another name (``force`` allows these, except template0). Raises InputError
+    naming it; runs before anything is touched."""
+    if into is None:
+        return
+    if not into.strip():
+        raise InputError("--into needs a database name")
+    if len(into.encode()) > MAX_NAME_BYTES:
+        raise InputError(
+            f"--into {into}: the name is {len(into.encode())} bytes; database names have at most "
+            f"{MAX_NAME_BYTES} (a longer one is cut, so two names could hit one database)"
+        )
+    if into in NEVER.get(db.engine, ()):
+        raise InputError(f"--into {into}: the template database is never a restore target")
+    reserved = set(RESERVED.get(db.engine, ()))
+    if db.engine == "postgres":
+        reserved.add(db.options.get("maintenance_database", "postgres"))
+    if into in reserved and not force:
+        raise InputError(
+            f"--into {into}: that is the server's maintenance or template database, not a restore target; {FORCE_HINT}"
+        )
+    for other in spec.databases.values():
+        same_server = (other.engine, other.container, other.host, other.port) == (
+            db.engine,
+            db.container,
+            db.host,
+            db.port,
+        )
+        if other.name != db.name and same_server and other.database == into and not force:
+            raise InputError(
+                f"--into {into}: that is the database backup.yml configures as '{other.name}'; restore it with "
+                f"--db {other.name}, or {FORCE_HINT}"
+            )
+
+
+def check_owner(
+    spec: Spec, db: DatabaseSpec, path: Path, record: dict[str, Any] | None, into: str | None, force: bool = False
+) -> None:
+    """Refuse to replace ``db``'s own database with a backup whose record names another
+    configured database (``--db b --file <a's backup>``), unless ``force``. Raises InputError."""
+    owner = (record or {}).get("name")
+    if into is not None or force or not isinstance(owner, str) or owner == db.name or owner not in spec.databases:
+        return
+    raise InputError(
+        f"{path.name} is a backup of '{owner}', not of '{db.name}'; restoring it would replace "
+        f"{db.database} with {owner}'s data: pass --db {owner}, --into another database, or --force-target"
+    )
+
+
 def restore(
     spec: Spec,
     engine: str,
@@ -90,6 +151,7 @@ def restore(
     no_owner: bool = False,
     no_privileges: bool = False,
     create_roles: bool = False,
+    force_target: bool = False,
 ) -> dict[str, Any]:
     """Restore ``file_arg`` ('latest' or a path) of the chosen database.
 
@@ -100,10 +162,13 @@ def restore(
     restore in place; before the scratch load for engines that load into scratch); returning
     False aborts with InputError. ``no_owner``/``no_privileges`` leave out the ownership and
     privileges the backup holds (a server without its roles), as pg_restore's flags do;
-    ``create_roles`` creates the roles it needs instead (drills into a throwaway cluster). Raises InputError for bad input, RunFailed/VerificationFailed
+    ``create_roles`` creates the roles it needs instead (drills into a throwaway cluster).
+    Raises InputError for bad input (see check_target and check_owner; ``force_target`` allows
+    what they refuse), RunFailed/VerificationFailed
     when the restore or its checks fail (the target is then left as it was).
     """
     db = pick_database(spec, engine, db_name)
+    check_target(spec, db, into, force_target)
     if from_dest:
         from lib.offsite import fetched
 
@@ -120,6 +185,7 @@ def restore(
                 no_owner,
                 no_privileges,
                 create_roles,
+                force_target,
             )
         summary["file"] = f"{from_dest}:{remote.path}"
         return summary
@@ -137,6 +203,7 @@ def restore(
         )
     if file_engine != engine:
         raise InputError(f"{path.name} is a {file_engine} backup, not {engine}; fix --engine or --file")
+    check_owner(spec, db, path, record, into, force_target)
     engine_impl = get_engine(engine)
     place = engine_impl.place(db, spec.env)
     engine_impl.preflight(db, place)

@@ -52,8 +52,12 @@ def backup_entry(backup: store.Backup, now: datetime) -> dict[str, Any]:
     }
 
 
-def database_status(spec: Spec, db: DatabaseSpec, now: datetime) -> dict[str, Any]:
-    """Status of one database (see the README for every field)."""
+def database_status(
+    spec: Spec, db: DatabaseSpec, now: datetime, leftovers: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """Status of one database (see the README for every field). ``leftovers``: what killed runs
+    left of it (lib/lifecycle.py), each a problem naming the command that removes it; None when
+    not checked."""
     limit = max_age_hours(spec)
     backups = store.list_backups(spec.backup_dir, db.name)
     newest = store.latest_verified(backups)
@@ -83,6 +87,8 @@ def database_status(spec: Spec, db: DatabaseSpec, now: datetime) -> dict[str, An
     passed = history.last_drill(spec.backup_dir, db.name, ok=True)
     if drill is not None and not drill.get("ok"):
         problems.append(f"{db.name}: last restore drill failed: {drill.get('error', 'unknown error')}")
+    for item in leftovers or []:
+        problems.append(f"{db.name}: leftover {item['what']}; remove it with: {item['command']}")
     return {
         "name": db.name,
         "engine": db.engine,
@@ -97,15 +103,26 @@ def database_status(spec: Spec, db: DatabaseSpec, now: datetime) -> dict[str, An
         "last_run": history.last_run(spec.backup_dir, db.name),
         "last_drill": drill,
         "last_successful_drill": passed,
+        "leftovers": leftovers,
         "problems": problems,
     }
 
 
-def collect(spec: Spec, names: list[str] | None = None, now: datetime | None = None) -> dict[str, Any]:
-    """The whole status report (the JSON printed by ``invoke status --json``)."""
+def collect(
+    spec: Spec, names: list[str] | None = None, now: datetime | None = None, leftovers: Any = None
+) -> dict[str, Any]:
+    """The whole status report (the JSON printed by ``invoke status --json``). ``leftovers``: a
+    lib.lifecycle.Report of what killed runs left (None: not checked)."""
     now = now or store.utcnow()
-    databases = {db.name: database_status(spec, db, now) for db in spec.select(names)}
-    problems = [p for entry in databases.values() for p in entry["problems"]]
+    found: dict[str, list[dict[str, str]]] = {}
+    for item in leftovers.left if leftovers is not None else []:
+        found.setdefault(item.database, []).append(item.as_dict())
+    databases = {
+        db.name: database_status(spec, db, now, found.get(db.name, []) if leftovers is not None else None)
+        for db in spec.select(names)
+    }
+    problems = [f"leftover {item['what']}; remove it with: {item['command']}" for item in found.get("", [])]
+    problems += [p for entry in databases.values() for p in entry["problems"]]
     return {
         "format": FORMAT,
         "generated": store.iso(now),
@@ -113,6 +130,7 @@ def collect(spec: Spec, names: list[str] | None = None, now: datetime | None = N
         "max_age_hours": max_age_hours(spec),
         "backup_dir": str(spec.backup_dir),
         "destinations": destination_names(spec),
+        "leftovers": found.get("", []) if leftovers is not None else None,
         "problems": problems,
         "databases": databases,
     }
@@ -162,6 +180,7 @@ def render_text(report: dict[str, Any]) -> str:
             text += f" (restore {drill.get('restore_seconds')}s, {drill.get('rows')} rows)"
         lines.append(f"  last drill: {text}")
         lines += [f"  ! {problem}" for problem in entry["problems"]]
+    lines += [f"! {problem}" for problem in report["problems"] if problem.startswith("leftover ")]
     lines.append(
         "status: OK"
         if report["ok"]

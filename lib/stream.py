@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import StageFailed
-from lib.exec import child_env, require_binary, tail_text
+from lib.exec import child_env, child_preexec, require_binary, tail_text
 
 CHUNK = 1 << 20  # 1 MiB reads at the sink
 
@@ -169,6 +169,7 @@ def _start(stage: Stage, stdin, stdout) -> tuple[subprocess.Popen, object]:
             env=dict(stage.env) if stage.env is not None else child_env(),
             pass_fds=stage.pass_fds,
             close_fds=True,
+            preexec_fn=child_preexec(),  # dies with this process, even by SIGKILL
         )
     except FileNotFoundError:
         err.close()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 from lib.config import load_spec
 from lib.engines import get_engine
@@ -39,3 +44,37 @@ def test_configured_secret_variables_are_scrubbed_from_every_child_environment(t
     assert not {"PGPASS_LEMON", "DB_PASSWORD", "BACKUP_PASSPHRASE"} & set(child_env())
     inherited = subprocess.run(["env"], capture_output=True, text=True).stdout
     assert "pg-secret" not in inherited and "mongo-secret" not in inherited and "BACKUP_PASSPHRASE" not in inherited
+
+
+PARENT = """
+import subprocess, sys, threading, time
+from lib.exec import child_preexec
+# started from a second thread too: the signal follows the thread, which waits for its child
+procs = [subprocess.Popen(["sleep", "60"], preexec_fn=child_preexec())]
+thread = threading.Thread(target=lambda: procs.append(subprocess.Popen(["sleep", "60"], preexec_fn=child_preexec())) or procs[-1].wait())
+thread.start()
+while len(procs) < 2:
+    time.sleep(0.01)
+print(" ".join(str(p.pid) for p in procs), flush=True)
+procs[0].wait()
+"""
+
+
+def test_children_started_with_child_preexec_die_when_the_parent_is_sigkilled():
+    root = Path(__file__).resolve().parent.parent
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=root, stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids)

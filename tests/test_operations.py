@@ -70,6 +70,7 @@ DB_KEYS = {
     "last_run",
     "last_drill",
     "last_successful_drill",
+    "leftovers",
     "problems",
 }
 BACKUP_KEYS = {"file", "path", "tier", "created", "age_seconds", "size", "verified", "encryption", "destinations"}
@@ -99,6 +100,7 @@ def test_status_exit_codes_and_json_shape_fresh_and_stale(workspace, sample_db):
         "max_age_hours",
         "backup_dir",
         "destinations",
+        "leftovers",
         "problems",
         "databases",
     }
@@ -110,6 +112,7 @@ def test_status_exit_codes_and_json_shape_fresh_and_stale(workspace, sample_db):
     assert entry["tiers"]["weekly"] is None and entry["tiers"]["daily"]["file"] == entry["newest_verified"]["file"]
     assert entry["counts"] == {"daily": 1, "weekly": 0, "monthly": 0}
     assert entry["last_run"]["status"] == "success" and entry["last_drill"] is None
+    assert entry["leftovers"] == [] and report["leftovers"] == []
     assert workspace.invoke("status").returncode == 0
 
     [backup] = workspace.backups()

@@ -36,7 +36,7 @@ from lib.destinations.base import (
     require_file,
 )
 from lib.errors import RunFailed
-from lib.exec import require_binary, tail_text
+from lib.exec import child_preexec, require_binary, tail_text
 from lib.stream import sha256_file
 
 REMOTE_RE = re.compile(r"^(?P<host>[^/:]+):(?P<path>.*)$")  # rsync's rule: a colon before any slash
@@ -251,7 +251,10 @@ class RsyncDestination(Destination):
         """Run rsync with ``args``; its stdout, or None when ``missing_ok`` and the source is missing."""
         argv = [*self.base_argv(), *args]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            # dies with this tool even by SIGKILL: no upload goes on outside the run lock
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, preexec_fn=child_preexec()
+            )
         except FileNotFoundError:
             require_binary("rsync")
             raise

@@ -67,13 +67,18 @@ class LoadWatch:
         self._queue.put(self._sql[block])
 
     def _feed(self) -> None:
+        """The ANALYZE session's own thread: starts it, feeds it, and closes it (a child dies with
+        the thread that started it, exec.child_preexec)."""
         try:
             self._session = self._start_analyzer()
         except OSError:
             self._failed = True
         while (table := self._queue.get()) is not None:
             if self._session is not None and not self._session.send(f"ANALYZE {table};\n".encode()):
-                self._failed = True  # the session died; its exit status is read by finish()
+                self._failed = True  # the session died; its exit status says why
+        if self._session is not None:
+            code, _ = self._session.close()
+            self._failed = self._failed or code != 0
 
     # -- after the load ------------------------------------------------------------------------
     def finish(self) -> bool:
@@ -84,10 +89,7 @@ class LoadWatch:
             return True
         self._queue.put(None)
         thread.join()
-        if self._session is None:
-            return False
-        code, _ = self._session.close()
-        return code == 0 and not self._failed
+        return self._session is not None and not self._failed
 
     def rows_by_table(self) -> dict[str, int]:
         """Rows the server loaded per table (as the dump names it)."""

@@ -9,6 +9,7 @@ import concurrent.futures
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -515,7 +516,10 @@ class Postgres(Engine):
         return tables, with_expressions
 
     def _swap(self, db: DatabaseSpec, place: Place, maint: str, target: str, temp: str, previous: str, log) -> None:
-        """Terminate sessions on target, then rename target->previous and temp->target atomically."""
+        """Close target to new sessions, terminate its sessions, then in one transaction rename
+        target->previous, reopen it and rename temp->target. A crash (even SIGKILL) can leave one
+        state only: target closed beside a loaded ``temp``; every later run reopens it
+        (lib/lifecycle.py, ``invoke doctor``)."""
         t, p, n = quote_ident(target), quote_ident(previous), quote_ident(temp)
         self.psql(db, place, maint, f"ALTER DATABASE {t} WITH ALLOW_CONNECTIONS false;", "psql (block connections)")
         try:
@@ -533,7 +537,8 @@ class Postgres(Engine):
                         db,
                         place,
                         maint,
-                        f"BEGIN; ALTER DATABASE {t} RENAME TO {p}; ALTER DATABASE {n} RENAME TO {t}; COMMIT;",
+                        f"BEGIN; ALTER DATABASE {t} RENAME TO {p}; ALTER DATABASE {p} WITH ALLOW_CONNECTIONS true; "
+                        f"ALTER DATABASE {n} RENAME TO {t}; COMMIT;",
                         "psql (swap databases)",
                     )
                     break
@@ -545,7 +550,6 @@ class Postgres(Engine):
             self.psql(db, place, maint, f"ALTER DATABASE {t} WITH ALLOW_CONNECTIONS true;", "psql (unblock)")
             self._drop(db, place, maint, temp)
             raise
-        self.psql(db, place, maint, f"ALTER DATABASE {p} WITH ALLOW_CONNECTIONS true;", "psql (unblock previous)")
 
     def drop_database(self, db: DatabaseSpec, place: Place, name: str) -> bool:
         """Drop ``name`` (if it exists) via the maintenance database. Returns False (after a
@@ -569,3 +573,31 @@ class Postgres(Engine):
             )
             return False
         return True
+
+    # -- leftovers of killed runs (lib/lifecycle.py) -------------------------------------------
+    def maintenance_database(self, db: DatabaseSpec) -> str:
+        return db.options.get("maintenance_database", "postgres")
+
+    def server_databases(self, db: DatabaseSpec, place: Place) -> list[tuple[str, bool, int]]:
+        """Every non-template database on ``db``'s server: (name, accepts connections, sessions
+        connected other than ours). Raises StageFailed when the server cannot be asked."""
+        sql = (
+            "SELECT encode(convert_to(d.datname, 'UTF8'), 'hex') || '|' || d.datallowconn::int || '|' || "
+            "(SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname AND a.pid <> pg_backend_pid()) "
+            "FROM pg_database d WHERE NOT d.datistemplate;"
+        )
+        rows = []
+        for line in self.psql(db, place, self.maintenance_database(db), sql, "psql (list databases)").split():
+            name, allow, sessions = line.split("|")
+            rows.append((bytes.fromhex(name).decode("utf-8"), allow == "1", int(sessions)))
+        return rows
+
+    def reopen(self, db: DatabaseSpec, place: Place, name: str) -> None:
+        """ALTER DATABASE ``name`` WITH ALLOW_CONNECTIONS true. Raises StageFailed."""
+        sql = f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS true;"
+        self.psql(db, place, self.maintenance_database(db), sql, "psql (reopen database)")
+
+    def manual_command(self, db: DatabaseSpec, place: Place, sql: str) -> str:
+        """The shell command an operator runs to execute ``sql`` on the maintenance database."""
+        argv = ["psql", "-X", *self.conn_args(db, self.maintenance_database(db)), "-c", sql]
+        return shlex.join(place.argv(argv, interactive=False))
