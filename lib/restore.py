@@ -78,10 +78,6 @@ def pick_database(spec: Spec, engine: str, name: str | None) -> DatabaseSpec:
     return matches[0]
 
 
-#: databases a restore never replaces without --force-target, per engine (plus PostgreSQL's
-#: configured maintenance_database); template0 is refused even then
-RESERVED = {"postgres": ("postgres", "template0", "template1"), "mongodb": ("admin", "config", "local")}
-NEVER = {"postgres": ("template0",)}
 #: PostgreSQL truncates longer identifiers (two long --into names could hit one database);
 #: MongoDB refuses database names of 64 bytes or more
 MAX_NAME_BYTES = 63
@@ -102,11 +98,9 @@ def check_target(spec: Spec, db: DatabaseSpec, into: str | None, force: bool = F
             f"--into {into}: the name is {len(into.encode())} bytes; database names have at most "
             f"{MAX_NAME_BYTES} (a longer one is cut, so two names could hit one database)"
         )
-    if into in NEVER.get(db.engine, ()):
+    never, reserved = get_engine(db.engine).reserved_databases(db)
+    if into in never:
         raise InputError(f"--into {into}: the template database is never a restore target")
-    reserved = set(RESERVED.get(db.engine, ()))
-    if db.engine == "postgres":
-        reserved.add(db.options.get("maintenance_database", "postgres"))
     if into in reserved and not force:
         raise InputError(
             f"--into {into}: that is the server's maintenance or template database, not a restore target; {FORCE_HINT}"

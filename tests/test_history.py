@@ -16,7 +16,7 @@ def test_damaged_last_run_is_ignored_and_replaced(tmp_path):
         assert history.last_run(tmp_path, "pg") is None
     path.write_text(json.dumps({"status": "success", "finished": "2026-11-26T02:00:03Z", "seconds": 2, "runs": "x"}))
     entry = history.record_run(tmp_path, "pg", False, 1.0)
-    assert entry["runs"] == {"success": 0, "failure": 1}
+    assert entry["runs"] == {"success": 0, "failure": 1, "interrupted": 0}
     (tmp_path / "pg" / history.DRILLS).write_text(
         '{"drills": [{"ok": "yes"}, 5, {"ok": true, "at": "2026-11-26T02:00:03Z"}]}'
     )

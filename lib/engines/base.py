@@ -83,6 +83,11 @@ class Engine:
     #: used for files without a record (made by the old scripts)
     file_markers: tuple[str, ...] = ()
 
+    def reserved_databases(self, db: DatabaseSpec) -> tuple[set[str], set[str]]:
+        """(databases a restore never replaces, databases it replaces only with --force-target):
+        the server's own maintenance and template databases."""
+        return set(), set()
+
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
         """Where this database's tools run, with the secrets they need (env var name -> value)."""
         raise NotImplementedError

@@ -101,6 +101,9 @@ class MongoDB(Engine):
     units = ("collections", "documents")
 
     # -- where and how to connect -------------------------------------------------------------
+    def reserved_databases(self, db: DatabaseSpec) -> tuple[set[str], set[str]]:
+        return set(), {"admin", "config", "local"}
+
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
         password = db.password(env)
         secrets = {CONFIG_ENV: config_yaml(password)} if password else {}

@@ -76,6 +76,10 @@ class Postgres(Engine):
     local_server_drills = True
     file_markers = (".sql", ".dump")
 
+    def reserved_databases(self, db: DatabaseSpec) -> tuple[set[str], set[str]]:
+        maint = db.options.get("maintenance_database", "postgres")
+        return {"template0"}, {"postgres", "template0", "template1", maint}
+
     # -- where and how to connect -------------------------------------------------------------
     def place(self, db: DatabaseSpec, env: Mapping[str, str]) -> Place:
         password = db.password(env)
