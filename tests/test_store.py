@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
 
 from lib import store
 
@@ -201,3 +206,28 @@ def test_a_record_that_is_a_fifo_or_a_directory_cannot_block_or_crash(tmp_path):
     folder.record_path.mkdir()
     problems = sorted(b.problem for b in store.list_backups(tmp_path, "pg"))
     assert problems == ["cannot read it: Is a directory", "cannot read it: not a regular file"]
+
+
+@pytest.mark.skipif(
+    not Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1").exists(), reason="needs libfaketime (faketime)"
+)
+def test_backup_without_tier_follows_the_tools_date(workspace, sample_db):
+    """The tool's own clock (faked for the tool only) picks the tier: the 1st is monthly even on a
+    Sunday, another Sunday weekly, a Monday daily. Whatever today is."""
+    from conftest import ROOT, tool_faketime
+
+    workspace.write_config(workspace.postgres_config(sample_db.name))
+    for moment, tier in (
+        ("2026-11-01 03:00:00", "monthly"),
+        ("2026-11-08 03:00:00", "weekly"),
+        ("2026-11-09 03:00:00", "daily"),
+    ):
+        argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "backup", "--all", "--config", str(workspace.config)]
+        env = {**workspace.env, **tool_faketime(moment)}
+        result = subprocess.run(argv, cwd=workspace.path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        day = moment[:10].replace("-", "")
+        assert [p.name for p in (workspace.backup_dir / "pg" / tier).glob(f"backup_{day}_*.sql.gz")], (
+            tier,
+            result.stderr,
+        )
