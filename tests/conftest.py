@@ -53,6 +53,17 @@ def psql(sql: str, dbname: str = "postgres", check: bool = True) -> str:
     return proc.stdout.strip()
 
 
+def schema_of(dbname: str) -> str:
+    """pg_dump --schema-only of ``dbname`` without its per-run \\restrict keys, for comparisons."""
+    out = subprocess.run(
+        ["pg_dump", "--schema-only", "-h", PGHOST, "-p", PGPORT, "-U", PGUSER, dbname],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
+
+
 def databases_like(prefix: str) -> list[str]:
     out = psql(f"SELECT datname FROM pg_database WHERE datname LIKE '{prefix}%' ORDER BY 1;")
     return [line for line in out.splitlines() if line]

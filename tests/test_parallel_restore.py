@@ -4,10 +4,8 @@ restored database must be exactly what pg_dump saw, whatever the schema throws a
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
-from conftest import PGHOST, PGPORT, PGUSER, databases_like, psql
+from conftest import databases_like, psql, schema_of
 
 from lib.engines.pgdump import DumpReader
 from lib.engines.pgsplit import classify
@@ -51,16 +49,6 @@ CREATE INDEX parent_counts_idx ON parent_counts (parent_id);
 CONSTRAINTS_SQL = (
     "SELECT conname || ':' || contype::text || ':' || convalidated FROM pg_constraint WHERE conrelid <> 0 ORDER BY 1;"
 )
-
-
-def schema_of(dbname: str) -> str:
-    out = subprocess.run(
-        ["pg_dump", "--schema-only", "-h", PGHOST, "-p", PGPORT, "-U", PGUSER, dbname],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return "\n".join(line for line in out.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
 
 
 def backup_and_restore(workspace, db, target: str, **options):

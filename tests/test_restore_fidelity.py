@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import PGHOST, PGPORT, PGUSER, databases_like, psql, table_checksums
+from conftest import PGHOST, PGPORT, PGUSER, databases_like, psql, schema_of, table_checksums
 
 ROLES = ("lemon_fid_owner", "lemon_fid_app", "lemon_fid_ro")
 TABLESPACE = "lemon_fid_ts"
@@ -135,16 +135,6 @@ SELECT m.oid || ':' || pg_get_userbyid(m.lomowner) || ':' || coalesce(m.lomacl::
 FROM pg_largeobject_metadata m ORDER BY m.oid;
 """
 ORDER_SQL = "SELECT string_agg(name, '|' ORDER BY name) FROM app.users WHERE id <= 30;"
-
-
-def schema_of(dbname: str) -> str:
-    out = subprocess.run(
-        ["pg_dump", "--schema-only", "-h", PGHOST, "-p", PGPORT, "-U", PGUSER, dbname],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return "\n".join(line for line in out.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
 
 
 def fingerprint(dbname: str) -> dict:
