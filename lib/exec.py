@@ -12,14 +12,11 @@ under the name it expects (``PGPASSWORD``, ``LEMON_MONGO_CONFIG``) through ``Pla
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lib.errors import EnvironmentProblem, StageFailed
@@ -70,44 +67,27 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-#: prctl(2) option: the signal a child gets when the thread that started it dies (Linux)
-PR_SET_PDEATHSIG = 1
-_prctl: Callable[..., int] | None = None
+def dying_with_tool(argv: Sequence[str]) -> list[str]:
+    """``argv`` started through ``setpriv --pdeathsig KILL`` (util-linux) where it exists: the
+    kernel then sends the child SIGKILL when the thread that started it ends, even when this
+    process is killed by SIGKILL (PR_SET_PDEATHSIG survives the exec into the real program).
+    A parent killed within the first milliseconds of a child's start (before setpriv set the
+    signal) is not covered. Unchanged where setpriv is missing (children are then only stopped by the cleanup of a clean
+    exit or a signal the tool handles).
+
+    Not a ``preexec_fn``: Python code between fork and exec is unsafe in a process with threads
+    (the restore starts children from several), and a lock left taken there turned up as
+    ``RuntimeError: release unlocked lock``. The thread that starts the child must wait for it
+    (as every caller in lib/ does): the signal follows the thread. A child's own children are not
+    covered: tools that fork workers (pg_restore --jobs) end them when their input or connection
+    goes away. Callers check that argv[0] exists first (setpriv would only exit 127)."""
+    global _setpriv
+    if _setpriv is None:
+        _setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else ""
+    return [_setpriv, "--pdeathsig", "KILL", "--", *argv] if _setpriv else list(argv)
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    """libc's prctl, looked up once in the parent (never in a child between fork and exec)."""
-    global _prctl
-    if _prctl is None and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _prctl = libc.prctl
-        except (OSError, AttributeError):
-            return None
-    return _prctl
-
-
-def child_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` for subprocess.Popen/run making the child die with this process: the
-    kernel sends it SIGKILL when the thread that started it ends, even when this process is
-    killed by SIGKILL (Linux prctl PR_SET_PDEATHSIG; the setting survives exec). A child whose
-    parent died before the setting took effect kills itself at once. None where prctl is
-    unavailable (then children are only killed by the cleanup of a clean exit or Ctrl-C).
-
-    The thread that starts the child must wait for it (as every caller in lib/ does): the signal
-    follows the thread, not the process. A child's own children are not covered: tools that fork
-    workers (pg_restore --jobs) end them when their input or connection goes away."""
-    prctl = _load_prctl()
-    if prctl is None:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died between fork and prctl
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
+_setpriv: str | None = None
 
 
 def require_binary(name: str) -> str:
@@ -166,11 +146,10 @@ class Place:
         docker = require_binary("docker")
         try:
             proc = subprocess.run(
-                [docker, "inspect", "--format", "{{.State.Running}}", self.container],
+                dying_with_tool([docker, "inspect", "--format", "{{.State.Running}}", self.container]),
                 capture_output=True,
                 timeout=30,
                 env=child_env(),
-                preexec_fn=child_preexec(),
             )
         except subprocess.TimeoutExpired:
             raise EnvironmentProblem("docker inspect timed out; is the Docker daemon responsive?") from None
@@ -186,15 +165,15 @@ class Place:
     ) -> bytes:
         """Run a short command here, return its stdout. Raises StageFailed with stderr on failure."""
         argv = self.argv(command, interactive=input is not None)
+        require_binary(argv[0])
         try:
             proc = subprocess.run(
-                argv,
+                dying_with_tool(argv),
                 input=input,
                 capture_output=True,
                 env=self.env(),
                 timeout=timeout,
                 stdin=None if input is not None else subprocess.DEVNULL,
-                preexec_fn=child_preexec(),
             )
         except FileNotFoundError:
             require_binary(argv[0])

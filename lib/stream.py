@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import StageFailed
-from lib.exec import child_env, child_preexec, require_binary, tail_text
+from lib.exec import child_env, dying_with_tool, require_binary, tail_text
 
 CHUNK = 1 << 20  # 1 MiB reads at the sink
 
@@ -159,17 +159,17 @@ class HashSink(Sink):
 
 
 def _start(stage: Stage, stdin, stdout) -> tuple[subprocess.Popen, object]:
+    require_binary(stage.argv[0])
     err = tempfile.TemporaryFile()  # noqa: SIM115 - closed after the process is reaped
     try:
         proc = subprocess.Popen(
-            list(stage.argv),
+            dying_with_tool(stage.argv),  # dies with this process, even by SIGKILL
             stdin=stdin,
             stdout=stdout,
             stderr=err,
             env=dict(stage.env) if stage.env is not None else child_env(),
             pass_fds=stage.pass_fds,
             close_fds=True,
-            preexec_fn=child_preexec(),  # dies with this process, even by SIGKILL
         )
     except FileNotFoundError:
         err.close()

@@ -1,6 +1,6 @@
 """SIGTERM and SIGHUP stop a run like Ctrl-C (lib/interrupt.py): cleanup, 'interrupted' in hooks,
 last_run.json and metrics, exit 143/129; children die with the tool even when it is SIGKILLed
-(lib/exec.child_preexec). Real processes and signals against the real PostgreSQL server; a
+(lib/exec.dying_with_tool). Real processes and signals against the real PostgreSQL server; a
 table lock and a slow CHECK constraint hold the run where the signal is sent."""
 
 from __future__ import annotations

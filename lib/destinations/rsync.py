@@ -36,7 +36,7 @@ from lib.destinations.base import (
     require_file,
 )
 from lib.errors import RunFailed
-from lib.exec import child_preexec, require_binary, tail_text
+from lib.exec import dying_with_tool, require_binary, tail_text
 from lib.stream import sha256_file
 
 REMOTE_RE = re.compile(r"^(?P<host>[^/:]+):(?P<path>.*)$")  # rsync's rule: a colon before any slash
@@ -252,9 +252,7 @@ class RsyncDestination(Destination):
         argv = [*self.base_argv(), *args]
         try:
             # dies with this tool even by SIGKILL: no upload goes on outside the run lock
-            proc = subprocess.run(
-                argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, preexec_fn=child_preexec()
-            )
+            proc = subprocess.run(dying_with_tool(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             require_binary("rsync")
             raise

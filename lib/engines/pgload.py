@@ -68,7 +68,7 @@ class LoadWatch:
 
     def _feed(self) -> None:
         """The ANALYZE session's own thread: starts it, feeds it, and closes it (a child dies with
-        the thread that started it, exec.child_preexec)."""
+        the thread that started it, exec.dying_with_tool)."""
         try:
             self._session = self._start_analyzer()
         except OSError:

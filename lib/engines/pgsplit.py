@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from lib.engines.pgdump import DumpReader, Name, Statement, qualified_name
 from lib.errors import StageFailed, VerificationFailed
-from lib.exec import child_preexec, tail_text
+from lib.exec import dying_with_tool, tail_text
 from lib.stream import Sink
 
 COPY_TAG = re.compile(rb"COPY (\d+)\r?")
@@ -177,13 +177,12 @@ class Session:
     ) -> None:
         self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            list(argv),
+            dying_with_tool(argv),  # dies with the tool; the thread that starts a session closes it
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.err,
             env=env,
             close_fds=True,
-            preexec_fn=child_preexec(),  # dies with the tool; the thread that starts a session closes it
         )
         try:  # room for a megabyte in the pipe: a session has work queued while another is fed
             fcntl.fcntl(self.proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
