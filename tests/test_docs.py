@@ -99,9 +99,25 @@ def test_every_key_of_the_default_backup_yml_is_in_the_reference():
             if isinstance(value, dict):
                 yield from paths(value, path)
 
+    sections = {m[1]: m[2] for m in re.finditer(r"^### `([^`]+)`[^\n]*\n(.*?)(?=^### |\Z)", text, re.M | re.S)}
+
+    def documented(path: str) -> bool:
+        if path in sections:
+            return True
+        parent, _, rest = path.rpartition(".")
+        while parent:
+            same = re.search(r"the same as under \[`([^`]+)`\]", sections.get(parent, ""))
+            if same:
+                return documented(f"{same[1]}.{rest}")
+            parent, _, head = parent.rpartition(".")
+            rest = f"{head}.{rest}"
+        return False
+
     config = yaml.safe_load((ROOT / "backup.yml").read_text(encoding="utf-8"))
-    absent = [p for p in paths(config) if f"### `{p}`" not in text]
+    assert "retention.weekly.keep_days" in set(paths(config))
+    absent = [p for p in paths(config) if not documented(p)]
     assert not absent
+    assert not documented("retention.weekly.no_such_key")
 
 
 # -- README and links ------------------------------------------------------------------------------
