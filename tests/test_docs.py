@@ -87,6 +87,67 @@ def test_every_schema_key_has_a_description_and_an_example():
     assert not missing, "add to schema/backup.schema.json: " + ", ".join(missing)
 
 
+DESTINATION_BASES = {
+    "rsync": {"name": "nas", "type": "rsync", "target": "/mnt/nas/lemon-korean"},
+    "sftp": {
+        "name": "vault",
+        "type": "sftp",
+        "host": "vault.example.com",
+        "user": "backup",
+        "path": "/srv",
+        "identity_file": "k",
+    },
+}
+
+
+def config_with(path: str, condition: str, value):
+    """A minimal valid backup.yml with ``value`` put at the documented ``path`` (``<name>`` is one
+    database, ``[]`` one destination, of the engine or type the condition names)."""
+    wants = dict(re.findall(r"(engine|type): (\w[\w-]*)", condition))
+    data = {"version": 1, "databases": {"pg": {"engine": wants.get("engine", "postgres"), "database": "lemon_korean"}}}
+    parts = path.replace("[]", ".[]").split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if part == "<name>":
+            node = node["pg"]
+        elif part == "[]":
+            node = node[0]
+        elif parts[i + 1] == "[]":
+            node = node.setdefault(part, [copy.deepcopy(DESTINATION_BASES[wants.get("type", "rsync")])])
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    node["pg" if last == "<name>" else last] = value
+    if "object form" in condition:  # a hook's mapping: a command, a string one with shell: true
+        shell = node.get("shell") is True or isinstance(node.get("command"), str)
+        node.setdefault("command", "true" if shell else ["true"])
+        if isinstance(node["command"], str):
+            node["shell"] = True
+    if path.startswith("destinations[].ssh."):
+        node.setdefault("identity_file", "k")
+        node.setdefault("known_hosts", "kh")
+    if last == "target" and ":" in value:  # rsync over ssh needs its ssh block
+        node["ssh"] = {"identity_file": "k", "known_hosts": "kh"}
+    return data
+
+
+def test_every_example_in_the_reference_is_valid():
+    from lib.config import validation_errors
+
+    schema = json.loads(docs.SCHEMA_PATH.read_text(encoding="utf-8"))
+    checked, wrong = 0, []
+    for entry in docs.SchemaWalker(schema).walk():
+        for example in entry.node.get("examples", []):
+            data = config_with(entry.path, entry.condition, example)
+            problems = validation_errors(data)
+            checked += 1
+            if problems:
+                wrong.append(f"{entry.path} = {example!r}: {problems}")
+    assert checked > 40
+    assert not wrong, "\n".join(wrong)
+    assert validation_errors(config_with("databases.<name>.port", "engine: postgres", 0))  # the check can fail
+
+
 def test_every_key_of_the_default_backup_yml_is_in_the_reference():
     text = (ROOT / "docs" / "config-reference.md").read_text(encoding="utf-8")
 
