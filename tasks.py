@@ -479,7 +479,11 @@ def offsite(c, dest=None, db=None, dry_run=False, wait=None, config=None):
     print("off-site copies are up to date" if not dry_run else "dry run: nothing was copied or deleted")
 
 
-@task(help={"check": "Only check: exit 1 when a generated page is out of date with its source (CI does this)."})
+@task(
+    help={
+        "check": "Only check: exit 1 when a generated page is out of date with its source (tests/test_docs.py checks the same)."
+    }
+)
 def docs(c, check=False):
     """Regenerate docs/config-reference.md (from schema/backup.schema.json) and docs/tasks-reference.md (from these tasks' help texts)."""
     import subprocess

@@ -154,7 +154,7 @@ def _rules(node: dict) -> list[str]:
             elif "pattern" in test:
                 whens.append(f"`{key}` matches `{test['pattern']}`")
         rule = f"When {' and '.join(whens)}: " + ", ".join(f"`{k}`" for k in needs) + " is required"
-        rules.append(rule + (f" ({hint})." if hint else "."))
+        rules.append(rule + (f" ({_text(hint)})." if hint else "."))
     return rules
 
 
@@ -243,7 +243,7 @@ def config_reference(schema: dict | None = None) -> str:
         "",
         "# backup.yml reference",
         "",
-        schema.get("description", ""),
+        _text(schema.get("description", "")),
         "",
         "Every key below is checked by `invoke validate` (and by every task before it does anything) against",
         "[`schema/backup.schema.json`](../schema/backup.schema.json). Unknown keys are errors, and every problem is",
@@ -267,7 +267,7 @@ def config_reference(schema: dict | None = None) -> str:
         title = f"`{entry.path}`" + (f" ({entry.condition})" if entry.condition else "")
         lines += [f"### {title}", ""]
         if node.get("description"):
-            lines += [node["description"], ""]
+            lines += [_text(node["description"]), ""]
         facts = [f"- **Type:** {_type(node)}"]
         facts.append(f"- **Required:** {'yes' if entry.required else 'no'}")
         if "default" in node:
@@ -333,7 +333,7 @@ def tasks_reference(collection=None) -> str:
         if flags:
             lines += ["| flag | meaning |", "|---|---|"]
             for flag in flags:
-                text = flag["help"] or ""
+                text = _text(flag["help"] or "")
                 if flag["repeatable"]:
                     text += " (repeatable)" if "repeatable" not in text else ""
                 lines.append(f"| `{_usage(flag)}` | {text.replace('|', chr(92) + '|')} |")
@@ -341,8 +341,13 @@ def tasks_reference(collection=None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _text(text: str) -> str:
+    """Prose for Markdown: ``<db>`` would be read as an HTML tag and vanish."""
+    return text.replace("<", "&lt;")
+
+
 def _doc(task) -> str:
-    return " ".join((task.__doc__ or "").split())
+    return _text(" ".join((task.__doc__ or "").split()))
 
 
 def _summary(task) -> str:

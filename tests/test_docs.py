@@ -24,6 +24,8 @@ import copy
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,26 @@ def test_the_tasks_reference_shows_each_flag_help_and_survives_being_generated_t
     assert "| `--into DATABASE` | Restore into this database instead, leaving the configured one alone. |" in restore
     assert "| `--from DEST` |" in restore
     assert "| `--db NAME` | Back up this database (the name under 'databases:'); repeatable. |" in text
+
+
+def test_the_docs_command_rewrites_a_stale_page_and_check_reports_it(tmp_path, monkeypatch, capsys):
+    stale = tmp_path / "config-reference.md"
+    stale.write_text("# old\n", encoding="utf-8")
+    monkeypatch.setattr(docs, "pages", lambda: {stale: docs.config_reference()})
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    assert docs.main(["--check"]) == 1
+    assert "config-reference.md is out of date" in capsys.readouterr().err
+    assert stale.read_text(encoding="utf-8") == "# old\n"  # --check writes nothing
+    assert docs.main([]) == 0
+    assert stale.read_text(encoding="utf-8") == docs.config_reference()
+    assert docs.main(["--check"]) == 0
+
+
+def test_invoke_docs_check_passes_on_this_checkout():
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), "docs", "--check"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_every_schema_key_has_a_description_and_an_example():
@@ -222,6 +244,14 @@ def test_relative_links_resolve(page):
         if not path.exists() or (anchor and path.suffix == ".md" and anchor not in _anchors(path)):
             broken.append(target)
     assert not broken, f"{page.name}: broken links {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_no_placeholder_is_read_as_an_html_tag(page):
+    """``<db>`` outside code would be taken for an HTML tag and vanish from the rendered page."""
+    text = re.sub(r"`[^`]*`", "", FENCE.sub("", page.read_text(encoding="utf-8")))
+    tags = re.findall(r"<(?!!--)[A-Za-z/][^>\n]*>", text)
+    assert not tags, f"{page.name}: write these in backticks or as &lt;: {tags}"
 
 
 # -- runnable examples -----------------------------------------------------------------------------
