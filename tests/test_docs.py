@@ -11,11 +11,13 @@ Runnable examples are fenced blocks whose info string is ``console runnable``::
     error: --into lemon_korean: that is the database backup.yml configures as 'postgres'...
     ```
 
-Lines starting with ``$ `` are commands (only ``.venv/bin/invoke ...``); ``# exit N`` says which exit
-status is expected (default 0). The other lines are output the command must print (stdout or stderr),
+Lines starting with ``$ `` are commands (``.venv/bin/invoke ...``, and ``mkdir DIR`` for a directory
+relative to the project); ``# exit N`` says which exit status is expected (default 0). The other lines are output the command must print (stdout or stderr),
 each within one line of it, ``...`` standing for anything. The blocks of one page run in order in one
 fresh workspace whose backup.yml configures one PostgreSQL database, ``postgres``, holding sample data;
 ``lemon_korean`` in a block is that database's (unique) name, so the pages read like the real setup.
+A page may add to that backup.yml with ``yaml runnable-config`` blocks (merged in before its commands run)
+and write the .env file next to it with ``ini runnable-env`` blocks.
 """
 
 from __future__ import annotations
@@ -308,12 +310,46 @@ def test_the_example_parser_reads_commands_exits_and_output():
     assert not shows("a ... b", "b then a")
 
 
+def page_setup(text: str) -> tuple[dict, str]:
+    """What a page adds to the workspace before its commands run: the ``yaml runnable-config`` blocks
+    (merged into backup.yml) and the ``ini runnable-env`` blocks (the .env file next to it)."""
+    config: dict = {}
+    env = ""
+    for match in FENCE.finditer(text):
+        kind = match["info"].split()[1:2]
+        if kind == ["runnable-config"]:
+            merge(config, yaml.safe_load(match["body"]))
+        elif kind == ["runnable-env"]:
+            env += match["body"]
+    return config, env
+
+
+def merge(into: dict, extra: dict) -> dict:
+    """Deep-merge mapping ``extra`` into ``into`` (lists and values replace)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def test_page_setup_merges_config_blocks_and_collects_env():
+    text = (
+        "```yaml runnable-config\nencryption:\n  mode: symmetric\n```\n"
+        "```yaml\nignored: 1\n```\n"
+        "```yaml runnable-config\nencryption:\n  passphrase_env: P\n```\n"
+        "```ini runnable-env\nP=secret\n```\n"
+    )
+    assert page_setup(text) == ({"encryption": {"mode": "symmetric", "passphrase_env": "P"}}, "P=secret\n")
+
+
 RUNNABLE_PAGES = [p for p in PAGES if runnable_blocks(p.read_text(encoding="utf-8"))]
 
 
 def test_some_pages_have_runnable_examples():
     names = {p.name for p in RUNNABLE_PAGES}
-    assert {"README.md", "restoring.md", "operations.md"} <= names
+    assert {"README.md", "restoring.md", "operations.md", "encryption.md", "offsite.md"} <= names
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=lambda p: p.name)
@@ -330,30 +366,38 @@ def test_runnable_examples(page, tmp_path):
                 "BACKUP_SYSTEMD_DIR": str(tmp_path / "systemd"),
             }
         )
-        ws.write_config(
-            {
-                "version": 1,
-                "backup_dir": "./backups",
-                "databases": {
-                    "postgres": {
-                        "engine": "postgres",
-                        "database": db.name,
-                        "user": PGUSER,
-                        "host": PGHOST,
-                        "port": int(PGPORT),
-                    }
-                },
-            }
-        )
-        for block in runnable_blocks(page.read_text(encoding="utf-8")):
+        text = page.read_text(encoding="utf-8").replace(DOC_DATABASE, db.name)
+        extra, env = page_setup(text)
+        config = {
+            "version": 1,
+            "backup_dir": "./backups",
+            "databases": {
+                "postgres": {
+                    "engine": "postgres",
+                    "database": db.name,
+                    "user": PGUSER,
+                    "host": PGHOST,
+                    "port": int(PGPORT),
+                }
+            },
+        }
+        ws.write_config(merge(config, extra))
+        if env:
+            (tmp_path / ".env").write_text(env, encoding="utf-8")
+            (tmp_path / ".env").chmod(0o600)
+        for block in runnable_blocks(text):
             for command, status, expected in block:
-                argv = shlex.split(command.replace(DOC_DATABASE, db.name))
-                assert argv[:1] == [".venv/bin/invoke"], f"only .venv/bin/invoke commands can be runnable: {command}"
+                argv = shlex.split(command)
+                if argv[0] == "mkdir":  # a local directory the example needs (relative to the project)
+                    for name in (a for a in argv[1:] if not a.startswith("-")):
+                        assert not Path(name).is_absolute() and ".." not in Path(name).parts, command
+                        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+                    continue
+                assert argv[:1] == [".venv/bin/invoke"], f"only .venv/bin/invoke and mkdir can be runnable: {command}"
                 proc = ws.invoke(*argv[1:], timeout=120)
                 output = proc.stdout + proc.stderr
                 assert proc.returncode == status, f"{page.name}: `{command}` exited {proc.returncode}:\n{output}"
                 for line in expected:
-                    line = line.replace(DOC_DATABASE, db.name)
                     assert shows(line, output), f"{page.name}: `{command}` did not print {line!r}:\n{output}"
     finally:
         db.drop_all()
