@@ -364,9 +364,7 @@ def _flags(task) -> list[dict]:
         task.help = saved
     for arg in arguments:
         name = max(arg.names, key=len)
-        value = None if arg.kind is bool else ("NAME" if arg.kind is list else "VALUE")
-        if arg.kind is not bool:
-            value = _placeholder(name, task)
+        value = None if arg.kind is bool else _placeholder(name)
         flags.append({"name": name, "value": value, "help": arg.help, "repeatable": arg.kind is list})
     return flags
 
@@ -389,7 +387,8 @@ PLACEHOLDERS = {
 }
 
 
-def _placeholder(name: str, task) -> str:
+def _placeholder(name: str) -> str:
+    """The word standing for a flag's value in usage lines: ``--config PATH``."""
     return PLACEHOLDERS.get(name, "VALUE")
 
 
