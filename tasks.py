@@ -410,7 +410,7 @@ def bench(
     json=None,
     drop=False,
 ):
-    """Benchmark old scripts vs this tool vs the pg_dump floor; prints medians and ratios (see README)."""
+    """Benchmark old scripts vs this tool vs the pg_dump floor; prints medians and ratios (see docs/benchmarks.md)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -469,7 +469,7 @@ def offsite(c, dest=None, db=None, dry_run=False, wait=None, config=None):
 
     spec = spec_and_log(config, with_file_log=not dry_run)
     if not spec.destinations:
-        raise InputError(f"{spec.config_path} has no destinations; add one under 'destinations:' (see README)")
+        raise InputError(f"{spec.config_path} has no destinations; add one under 'destinations:' (see docs/offsite.md)")
     with locked(spec, "offsite", wait):
         failures = sync(spec, spec.select(db), dest or None, dry_run=dry_run)
         if not dry_run:
@@ -477,3 +477,19 @@ def offsite(c, dest=None, db=None, dry_run=False, wait=None, config=None):
     if failures:
         raise Exit("FAILED: off-site copy: " + "; ".join(failures), code=1)
     print("off-site copies are up to date" if not dry_run else "dry run: nothing was copied or deleted")
+
+
+@task(
+    help={
+        "check": "Only check: exit 1 when a generated page is out of date with its source (tests/test_docs.py checks the same)."
+    }
+)
+def docs(c, check=False):
+    """Regenerate docs/config-reference.md (from schema/backup.schema.json) and docs/tasks-reference.md (from these tasks' help texts)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # a fresh process: Invoke has consumed this module's help texts while parsing the command line
+    argv = [sys.executable, "-m", "lib.docs"] + (["--check"] if check else [])
+    raise Exit(code=subprocess.call(argv, cwd=Path(__file__).parent))

@@ -9,7 +9,7 @@ from lib.errors import ConfigError
 from lib.stream import Stage
 
 SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
-# gzip level 1: measured on a 2-core machine (README "Benchmarks"), pigz -1 takes half the CPU of
+# gzip level 1: measured on a 2-core machine (docs/benchmarks.md), pigz -1 takes half the CPU of
 # -4 and a quarter of -6 for files ~10% larger than -6; zstd -3 is both smaller and faster.
 DEFAULT_LEVEL = {"gzip": 1, "zstd": 3}
 

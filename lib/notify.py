@@ -79,7 +79,7 @@ class RunReport:
 
 
 def hook_env(report: RunReport, log_path: str) -> dict[str, str]:
-    """The BACKUP_* variables a hook receives (documented in the README)."""
+    """The BACKUP_* variables a hook receives (documented in docs/operations.md, "Alerts")."""
     first = next(iter(report.failed), None)
     error = report.failed[first] if first else None
     return {

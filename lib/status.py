@@ -5,7 +5,7 @@ attention. Read-only: it only reads records and history files.
 A database is a problem when its newest verified backup is older than
 ``monitoring.max_age_hours`` (default 26) or missing, when a configured destination lacks a
 verified copy of that backup ("lag"), or when its last restore drill failed.
-The JSON shape (``FORMAT`` 1) is documented in the README and only ever extended.
+The JSON shape (``FORMAT`` 1) is documented in docs/operations.md and only ever extended.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def backup_entry(backup: store.Backup, now: datetime) -> dict[str, Any]:
 def database_status(
     spec: Spec, db: DatabaseSpec, now: datetime, leftovers: list[dict[str, str]] | None = None
 ) -> dict[str, Any]:
-    """Status of one database (see the README for every field). ``leftovers``: what killed runs
+    """Status of one database (see docs/operations.md for every field). ``leftovers``: what killed runs
     left of it (lib/lifecycle.py), each a problem naming the command that removes it; None when
     not checked."""
     limit = max_age_hours(spec)

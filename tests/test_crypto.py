@@ -130,7 +130,7 @@ def test_symmetric_round_trip_with_awkward_passphrase_and_plain_gpg_can_decrypt(
     assert crypto.file_mode(out) == "symmetric"
     assert out.read_bytes()[:1] != b"-"  # binary, not armored
     assert decrypt_file(spec, out) == data
-    # The manual recovery path from the README: plain gpg with the passphrase typed (here: a file).
+    # The manual recovery path from docs/encryption.md: plain gpg with the passphrase typed (here: a file).
     manual = tmp_path / "typed"
     manual.write_bytes(PASSPHRASE.encode())
     plain = subprocess.run(

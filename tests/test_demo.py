@@ -1,4 +1,4 @@
-"""README's first command: the demo runs the whole road on a throwaway PostgreSQL cluster."""
+"""The demo (README, docs/getting-started.md) runs the whole road on a throwaway PostgreSQL cluster."""
 
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def test_symmetric_round_trip_secret_never_in_argv_or_child_environment(workspac
     listing = workspace.invoke("list")
     assert "verified [sha256,gpg-decrypt,gzip-integrity" in listing.stdout
 
-    # The README's manual recovery: plain gpg (passphrase typed; here from a file) | gunzip.
+    # docs/encryption.md's manual recovery: plain gpg (passphrase typed; here from a file) | gunzip.
     typed = tmp_path / "typed"
     typed.write_bytes(PASSPHRASE.encode())
     manual = subprocess.run(

@@ -347,7 +347,7 @@ class Postgres(Engine):
         error."""
         db = request.db
         # Index builds dominate a restore's tail; more memory for them (this session only) is the
-        # cheapest speed-up there is (measured: README "Benchmarks"). The load commits table by
+        # cheapest speed-up there is (measured: docs/benchmarks.md). The load commits table by
         # table without waiting for the WAL flush: the scratch database is dropped if anything
         # fails, and the swap's own (synchronous) commit flushes everything before it.
         memory = db.options.get("restore_maintenance_work_mem", "256MB")
