@@ -477,3 +477,31 @@ def offsite(c, dest=None, db=None, dry_run=False, wait=None, config=None):
     if failures:
         raise Exit("FAILED: off-site copy: " + "; ".join(failures), code=1)
     print("off-site copies are up to date" if not dry_run else "dry run: nothing was copied or deleted")
+
+
+@task(
+    name="dest-check",
+    iterable=["dest"],
+    help={
+        "dest": "Check this destination (a name under 'destinations:'); repeatable; default: all.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def dest_check(c, dest=None, config=None):
+    """Check destinations: credentials, access, lock configuration and a small round trip (S3); listing (others). Exit 2 on a problem."""
+    from lib import destinations
+
+    spec = spec_and_log(config, with_file_log=False)
+    if not spec.destinations:
+        raise InputError(f"{spec.config_path} has no destinations; add one under 'destinations:' (see README)")
+    problems: list[str] = []
+    for item in destinations.configured(spec, dest or None):
+        with item:
+            lines, found = item.check()
+        print("\n".join(lines))
+        problems += found
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)
+    print("destinations: ok")
