@@ -95,6 +95,11 @@ def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
+def real_version(version: Any) -> str | None:
+    """A version id worth sending: None for unversioned buckets (no id, or S3's "null")."""
+    return version if isinstance(version, str) and version and version != "null" else None
+
+
 def composite_sha256(part_digests: list[bytes]) -> str:
     """S3's checksum of a multipart object: base64 sha256 of the parts' binary sha256 digests."""
     return b64(hashlib.sha256(b"".join(part_digests)).digest())
@@ -247,7 +252,7 @@ class S3Destination(Destination):
                     f"destination '{self.name}': {where} is in another region ({code}); set region to the bucket's region"
                 ) from None
             raise DestinationRefused(
-                f"destination '{self.name}': {what} ({where}) refused: {code} {message}".rstrip()
+                f"destination '{self.name}': {what} ({where}) refused: {exc.operation_name} {code} {message}".rstrip()
             ) from None
         except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError):
             raise DestinationRefused(
@@ -282,7 +287,7 @@ class S3Destination(Destination):
     def _head(self, key: str, version: str | None = None, checksum: bool = False) -> dict[str, Any] | None:
         """HeadObject (of ``version`` when given), or None when there is no such object."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if version:
+        if real_version(version):
             kwargs["VersionId"] = version
         if checksum:
             kwargs["ChecksumMode"] = "ENABLED"
@@ -372,7 +377,7 @@ class S3Destination(Destination):
 
     def _delete_version(self, key: str, version: str | None) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if version and version != "null":
+        if real_version(version):
             kwargs["VersionId"] = version
         self.client().delete_object(**kwargs)
 
@@ -455,7 +460,7 @@ class S3Destination(Destination):
 
     def _reread_sha256(self, key: str, version: str | None) -> str:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if version:
+        if real_version(version):
             kwargs["VersionId"] = version
         body = self.client().get_object(**kwargs)["Body"]
         digest = hashlib.sha256()
@@ -470,7 +475,7 @@ class S3Destination(Destination):
         """Servers that ignore the lock headers of a multipart upload get PutObjectRetention after it."""
         if retain is None or not self.object_lock or head.get("ObjectLockRetainUntilDate"):
             return
-        kwargs: dict[str, Any] = {"VersionId": version} if version else {}
+        kwargs: dict[str, Any] = {"VersionId": version} if real_version(version) else {}
         self.client().put_object_retention(
             Bucket=self.bucket,
             Key=key,
@@ -499,7 +504,7 @@ class S3Destination(Destination):
                         f"destination '{self.name}': {key} already exists and is not this backup; "
                         f"not overwriting it; move it away or use another prefix"
                     )
-                version = existing.get("VersionId")
+                version = real_version(existing.get("VersionId"))
                 local = HashingReader(open(backup.path, "rb"))  # noqa: SIM115 - closed below
                 try:
                     while local.read(CHUNK):
@@ -511,7 +516,7 @@ class S3Destination(Destination):
                 head, checksum, parts, method = existing, existing.get("ChecksumSHA256"), None, "re-read"
             else:
                 reader, done, ours, parts = self._multipart(backup.path, key, expected, retain, progress)
-                version = done.get("VersionId")
+                version = real_version(done.get("VersionId"))
                 head = self._head(key, version, checksum=True) or {}
                 size = int(head.get("ContentLength", -1))
                 try:
@@ -544,7 +549,7 @@ class S3Destination(Destination):
                 info["checksum_sha256"] = checksum
             if parts:
                 info["parts"] = parts
-            if version and version != "null":
+            if version:
                 info["version_id"] = version
             if retain is not None:
                 info["locked_until"] = store.iso(retain)
@@ -618,7 +623,7 @@ class S3Destination(Destination):
                 target = local_dir / (remote.file + suffix)
                 target.unlink(missing_ok=True)
                 kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": remote.path + suffix}
-                if not suffix and version:
+                if not suffix and real_version(version):
                     kwargs["VersionId"] = version
                 try:
                     body = client.get_object(**kwargs)["Body"]
