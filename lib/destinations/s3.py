@@ -227,7 +227,7 @@ class S3Destination(Destination):
             message = self._scrub(str(error.get("Message") or ""))
             if code in TRANSIENT_CODES or status >= 500:
                 raise DestinationFailed(f"{what} ({where}): {code} {message}".rstrip()) from None
-            if code in ("NoSuchBucket",):
+            if code == "NoSuchBucket" or (exc.operation_name == "HeadBucket" and status == 404):
                 raise DestinationRefused(
                     f"destination '{self.name}': bucket '{self.bucket}' does not exist"
                     f"{' at ' + self.endpoint_url if self.endpoint_url else ''}; create it or fix bucket"
