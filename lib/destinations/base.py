@@ -206,7 +206,7 @@ class Destination(ABC):
         lines, problems = [f"{self.name} ({self.label()})"], []
         for name in self.spec.databases:
             try:
-                listing = retrying(self, lambda n=name: self.list(n), "listing")
+                listing = self.list(name)  # once: a check reports, it does not wait out retries
             except (DestinationFailed, DestinationRefused) as exc:
                 problems.append(str(exc))
                 lines.append(f"  listing: FAILED: {exc}")
