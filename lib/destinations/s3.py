@@ -530,7 +530,8 @@ class S3Destination(Destination):
                         digest, method = self._reread_sha256(key, version), "re-read"
                     check_arrival(backup, reader.hash.hexdigest(), size, digest)
                 except (DestinationFailed, VerificationFailed):
-                    self._delete_version(key, version)  # we just wrote it: not a copy to keep
+                    with suppress(bx.BotoCoreError, bx.ClientError):  # we just wrote it: not a copy to keep
+                        self._delete_version(key, version)
                     raise
                 self._ensure_lock(key, version, head, retain)
             seconds = time.monotonic() - started
