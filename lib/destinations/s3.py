@@ -17,10 +17,11 @@ With ``object_lock`` each object gets an Object Lock retention until its tier's 
 because it is locked is "still locked" (info), and an object whose metadata does not name the
 backup's sha256 (not written by this tool) is never deleted.
 
-boto3 is imported only when a destination of this type is configured (the registry imports this
-module lazily). Credentials: ``access_key_env``/``secret_key_env`` naming environment variables,
-or boto3's standard chain (environment, shared credentials file and ``profile``, instance or
-container metadata). Their values never reach argv, logs, error text or records.
+The client (credentials, endpoint, checksum policy, error mapping) lives in lib/s3client.py, for
+every S3 user. boto3 is imported only when a destination of this type is configured (the registry
+imports this module lazily). Credentials: ``access_key_env``/``secret_key_env`` naming environment
+variables, or boto3's standard chain (environment, shared credentials file and ``profile``,
+instance or container metadata). Their values never reach argv, logs, error text or records.
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ import hashlib
 import posixpath
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import botocore.exceptions as bx
-from botocore.config import Config
 
 from lib import store
 from lib.destinations.base import (
@@ -55,35 +54,16 @@ from lib.destinations.base import (
     check_arrival,
     parse_record,
     remote_record,
-    require_file,
 )
 from lib.errors import VerificationFailed
+from lib.s3client import TOOL, S3Connection, real_version
 
 MIB = 1 << 20
 CHUNK = 1 << 20
 RECORD_LIMIT = 1 << 20
 #: metadata on every object we write (x-amz-meta-*): who wrote it and the backup's sha256
 META_TOOL, META_SHA = "written-by", "sha256"
-TOOL = "lemon-backup"
 UPLOAD_SEP = "?uploadId="
-#: error codes of trouble that passes (besides every 5xx): retried
-TRANSIENT_CODES = {
-    "SlowDown",
-    "RequestTimeout",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "InternalError",
-    "ServiceUnavailable",
-    "OperationAborted",
-}
-CREDENTIAL_CODES = {
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "ExpiredToken",
-    "TokenRefreshRequired",
-}
 LOCK_FIX = (
     "create the bucket with Object Lock (aws s3api create-bucket --bucket {bucket} --object-lock-enabled-for-bucket; "
     "MinIO: mc mb --with-lock ALIAS/{bucket}) or enable it on the versioned bucket "
@@ -93,11 +73,6 @@ LOCK_FIX = (
 
 def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
-
-
-def real_version(version: Any) -> str | None:
-    """A version id worth sending: None for unversioned buckets (no id, or S3's "null")."""
-    return version if isinstance(version, str) and version and version != "null" else None
 
 
 def composite_sha256(part_digests: list[bytes]) -> str:
@@ -115,18 +90,21 @@ class S3Destination(Destination):
         self.bucket: str = block["bucket"]
         self.prefix: str = (block.get("prefix") or "").strip("/")
         self.endpoint_url: str | None = block.get("endpoint_url")
-        self.region: str | None = block.get("region")
-        self.addressing: str = block.get("addressing") or ("path" if self.endpoint_url else "virtual")
         self.storage_class: str = block.get("storage_class", "STANDARD")
         self.sse: dict[str, Any] = dict(block.get("server_side_encryption") or {})
-        self.ca_bundle: Path | None = spec.resolve(block["ca_bundle"]) if block.get("ca_bundle") else None
         self.part_size: int = int(block.get("part_size_mib", 16)) * MIB
         self.concurrency: int = int(block.get("concurrency", 4))
-        self.checksums: str = block.get("request_checksums", "when_required")
         self.conditional_put: bool = bool(block.get("conditional_put", True))
         self.object_lock: dict[str, Any] | None = block.get("object_lock")
-        self.profile: str | None = block.get("profile")
-        self._client: Any = None
+        self.conn = S3Connection(
+            block,
+            spec,
+            f"destination '{self.name}'",
+            DestinationFailed,
+            DestinationRefused,
+            timeout=self.timeout,
+            pool_size=self.concurrency + 2,
+        )
         self._lock_checked = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -135,149 +113,16 @@ class S3Destination(Destination):
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"s3://{self.bucket}/{self.prefix}{'/' if self.prefix else ''}{where}"
 
-    def _secret(self, key: str) -> str | None:
-        """The value of the variable named by ``key`` (e.g. access_key_env); None when not configured."""
-        name = self.block.get(key)
-        if not name:
-            return None
-        value = self.spec.env.get(name)
-        if not value:
-            raise DestinationRefused(
-                f"destination '{self.name}': {key} names ${name}, which is not set; "
-                f"export it or add it to the .env file next to backup.yml"
-            )
-        return value
-
-    def _secret_values(self) -> list[str]:
-        """Credential values that must never appear in a message."""
-        values = []
-        for key in ("access_key_env", "secret_key_env", "session_token_env"):
-            name = self.block.get(key)
-            if name and self.spec.env.get(name):
-                values.append(self.spec.env[name])
-        return values
-
-    def _scrub(self, text: str) -> str:
-        for value in self._secret_values():
-            text = text.replace(value, "***")
-        return text
-
-    def session(self) -> boto3.session.Session:
-        """A boto3 session with the configured credentials (or the standard chain)."""
-        kwargs: dict[str, Any] = {}
-        access, secret = self._secret("access_key_env"), self._secret("secret_key_env")
-        if access and secret:
-            kwargs.update(aws_access_key_id=access, aws_secret_access_key=secret)
-            kwargs["aws_session_token"] = self._secret("session_token_env")
-        if self.profile:
-            kwargs["profile_name"] = self.profile
-        if self.region:
-            kwargs["region_name"] = self.region
-        try:
-            return boto3.session.Session(**kwargs)
-        except bx.ProfileNotFound:
-            raise DestinationRefused(
-                f"destination '{self.name}': AWS profile '{self.profile}' not found in ~/.aws/config or "
-                f"~/.aws/credentials; create it (aws configure --profile {self.profile}) or fix profile"
-            ) from None
-
     def client(self) -> Any:
-        """The S3 client, created on first use."""
-        if self._client is not None:
-            return self._client
-        verify: str | bool = True
-        if self.ca_bundle is not None:
-            verify = str(require_file(self.ca_bundle, self.name, "ca_bundle", "point it at the CA certificate (PEM)"))
-        config = Config(
-            s3={"addressing_style": self.addressing},
-            signature_version="s3v4",
-            connect_timeout=self.timeout,
-            read_timeout=self.timeout,
-            retries={"mode": "standard", "total_max_attempts": 3},
-            max_pool_connections=self.concurrency + 2,
-            request_checksum_calculation=self.checksums,
-            response_checksum_validation=self.checksums,
-            user_agent_appid=TOOL,
-        )
-        with self._mapped("connect"):
-            session = self.session()
-            region = self.region or session.region_name or "us-east-1"
-            self._client = session.client(
-                "s3", endpoint_url=self.endpoint_url, region_name=region, verify=verify, config=config
-            )
-        return self._client
+        """The S3 client, created on first use (lib/s3client.py)."""
+        return self.conn.client()
 
     def reset(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self._client = None
+        self.conn.reset()
 
-    @contextmanager
-    def _mapped(self, what: str) -> Iterator[None]:
-        """Turn botocore errors into our error types with one-line messages (secrets scrubbed)."""
-        where = f"bucket '{self.bucket}'" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
-        try:
-            yield
-        except (DestinationFailed, DestinationRefused, VerificationFailed, StillLocked, DeleteDeclined):
-            raise
-        except bx.ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "?"))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            message = self._scrub(str(error.get("Message") or ""))
-            if code in TRANSIENT_CODES or status >= 500:
-                raise DestinationFailed(f"{what} ({where}): {code} {message}".rstrip()) from None
-            if code == "NoSuchBucket" or (exc.operation_name == "HeadBucket" and status == 404):
-                raise DestinationRefused(
-                    f"destination '{self.name}': bucket '{self.bucket}' does not exist"
-                    f"{' at ' + self.endpoint_url if self.endpoint_url else ''}; create it or fix bucket"
-                ) from None
-            if code in CREDENTIAL_CODES:
-                raise DestinationRefused(
-                    f"destination '{self.name}': the server refused the credentials ({code}); "
-                    f"check the keys {self._credential_source()}"
-                ) from None
-            if code in ("AccessDenied", "403", "AllAccessDisabled"):
-                raise DestinationRefused(
-                    f"destination '{self.name}': access denied for {what} on {where}; give the tool's user "
-                    f"the policy in README (Off-site copies, S3)"
-                ) from None
-            if code in (
-                "PermanentRedirect",
-                "AuthorizationHeaderMalformed",
-                "301",
-                "IllegalLocationConstraintException",
-            ):
-                raise DestinationRefused(
-                    f"destination '{self.name}': {where} is in another region ({code}); set region to the bucket's region"
-                ) from None
-            raise DestinationRefused(
-                f"destination '{self.name}': {what} ({where}) refused: {exc.operation_name} {code} {message}".rstrip()
-            ) from None
-        except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError):
-            raise DestinationRefused(
-                f"destination '{self.name}': no AWS credentials found; set access_key_env and secret_key_env to the "
-                f"names of variables holding them, or configure the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                f"~/.aws/credentials with profile, an instance role)"
-            ) from None
-        except bx.SSLError as exc:
-            raise DestinationRefused(
-                f"destination '{self.name}': TLS check of {self.endpoint_url or 'the endpoint'} failed "
-                f"({self._scrub(str(exc))[:200]}); set ca_bundle to the CA certificate that signed it"
-            ) from None
-        except (bx.ConnectionError, bx.HTTPClientError, bx.ReadTimeoutError, bx.ConnectTimeoutError) as exc:
-            raise DestinationFailed(f"{what} ({where}): {self._scrub(str(exc))}") from None
-        except bx.ParamValidationError as exc:
-            raise DestinationRefused(
-                f"destination '{self.name}': {what}: {self._scrub(str(exc)).splitlines()[-1]}"
-            ) from None
-        except OSError as exc:
-            raise DestinationFailed(f"{what} ({where}): {exc.strerror or exc}") from None
-
-    def _credential_source(self) -> str:
-        if self.block.get("access_key_env"):
-            return f"in ${self.block['access_key_env']} and ${self.block.get('secret_key_env')}"
-        return f"of the AWS chain{' (profile ' + self.profile + ')' if self.profile else ''}"
+    def _mapped(self, what: str):
+        """botocore errors as DestinationFailed (transient) or DestinationRefused, one line each."""
+        return self.conn.mapped(what, passthrough=(StillLocked, DeleteDeclined))
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -702,7 +547,7 @@ class S3Destination(Destination):
                 return None
 
         def credentials() -> str:
-            found = self.session().get_credentials()
+            found = self.conn.session().get_credentials()
             if found is None:
                 raise bx.NoCredentialsError()
             return "access_key_env/secret_key_env" if self.block.get("access_key_env") else found.method
@@ -713,7 +558,7 @@ class S3Destination(Destination):
         lines.append(f"  credentials: found ({source}; values never shown)")
         if step("bucket access", lambda: self.client().head_bucket(Bucket=self.bucket)) is None:
             return lines, problems
-        lines.append(f"  bucket access: ok ({self.bucket}, {self.addressing}-style addressing)")
+        lines.append(f"  bucket access: ok ({self.bucket}, {self.conn.addressing}-style addressing)")
 
         def lock() -> str:
             try:
