@@ -6,10 +6,12 @@ drill --from), including a copy changed on the server."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -156,7 +158,32 @@ def test_multipart_push_is_verified_recorded_and_caught_up(tmp_path, s3):
     older = make_backup(spec.backup_dir, timedelta(hours=30), size=300_000)
     big = make_backup(spec.backup_dir, timedelta(hours=2), size=17 * MIB + 12345)  # 4 parts of 5 MiB
 
-    assert offsite.push_all(spec, big) == []
+    [dest] = configured(spec)
+    sent = []  # (operation, headers, body) of every request the tool makes
+
+    def capture(request, **kwargs):
+        headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        sent.append((kwargs["event_name"].rsplit(".", 1)[-1], headers, request.url))
+
+    dest.client().meta.events.register("before-send.s3", capture)
+    with dest:
+        assert offsite.sync_database(dest, spec, spec.databases["pg"]).pushed == [
+            f"daily/{big.path.name}",
+            f"daily/{older.path.name}",
+        ]
+    checked = []
+    for operation, headers, url in sent:
+        if operation != "UploadPart":
+            continue
+        backup = big if big.path.name in url else older
+        number = int(parse_qs(urlsplit(url).query)["partNumber"][0])
+        part = backup.path.read_bytes()[(number - 1) * 5 * MIB : number * 5 * MIB]
+        # each part carries the checksum we computed over its bytes
+        assert headers["x-amz-checksum-sha256"] == base64.b64encode(hashlib.sha256(part).digest()).decode()
+        checked.append((backup.path.name, number))
+    assert sorted(checked) == sorted([(big.path.name, n) for n in (1, 2, 3, 4)] + [(older.path.name, 1)])
+    assert not [h for _, h, _ in sent if any(k.lower().startswith("x-amz-checksum-crc") for k in h)]
+    assert all(h.get("If-None-Match") == "*" for op, h, _ in sent if op == "CompleteMultipartUpload")
     client = s3.client()
     for backup in (older, big):
         for suffix in ("", ".sha256", ".json"):
@@ -174,7 +201,6 @@ def test_multipart_push_is_verified_recorded_and_caught_up(tmp_path, s3):
     remote_record = json.loads(client.get_object(Bucket=bucket, Key=key_of(big, ".json"))["Body"].read())
     assert remote_record["destinations"]["cloud"]["sha256"] == big.record["sha256"]
 
-    [dest] = configured(spec)
     with dest:
         listing = dest.list("pg")
         assert [r.file for r in listing.backups] == [big.path.name, older.path.name]
