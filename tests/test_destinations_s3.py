@@ -222,7 +222,8 @@ def test_multipart_push_is_verified_recorded_and_caught_up(tmp_path, s3):
 
 def test_existing_objects_are_never_overwritten(tmp_path, s3):
     bucket = s3.bucket()
-    spec = spec_for(tmp_path, [s3_block(s3, bucket)])
+    sse = {"algorithm": "AES256"}
+    spec = spec_for(tmp_path, [s3_block(s3, bucket, storage_class="STANDARD_IA", server_side_encryption=sse)])
     backup = make_backup(spec.backup_dir, timedelta(hours=1))
     client = s3.client()
     client.put_object(Bucket=bucket, Key=key_of(backup), Body=b"someone else's file")
@@ -241,6 +242,8 @@ def test_existing_objects_are_never_overwritten(tmp_path, s3):
         info = dest.push(backup)
     assert info["method"] == "re-read" and info["sha256"] == backup.record["sha256"]
     assert key_of(backup, ".json") in s3.keys(bucket)
+    head = client.head_object(Bucket=bucket, Key=key_of(backup))
+    assert head["ServerSideEncryption"] == "AES256" and head["StorageClass"] == "STANDARD_IA"
 
 
 def test_server_gone_mid_upload_leaves_nothing_under_the_final_key_and_catch_up_cleans(tmp_path, s3):
