@@ -449,3 +449,42 @@ def test_dest_check_and_config_problems_are_one_line_exit_2(workspace, s3):
     workspace.write_config(config)
     result = workspace.invoke("validate")
     assert result.returncode == 2 and "destinations[0].part_size_mib" in result.stderr
+
+
+def test_errors_are_classified_transient_or_refused_and_scrubbed(tmp_path, s3):
+    import botocore.exceptions as bx
+
+    spec = spec_for(tmp_path, [s3_block(s3, "some-bucket")])
+    [dest] = configured(spec)
+
+    def client_error(code: str, status: int, message: str = "") -> bx.ClientError:
+        response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return bx.ClientError(response, "PutObject")
+
+    transient = [
+        client_error("SlowDown", 503),
+        client_error("InternalError", 500),
+        client_error("RequestTimeout", 400),
+        bx.EndpointConnectionError(endpoint_url=s3.url),
+        bx.ReadTimeoutError(endpoint_url=s3.url),
+    ]
+    refused = [
+        (client_error("InvalidAccessKeyId", 403, f"key {KEY_ID} unknown"), "refused the credentials"),
+        (client_error("SignatureDoesNotMatch", 403, f"signed with {SECRET}"), "refused the credentials"),
+        (client_error("AccessDenied", 403), "access denied"),
+        (client_error("NoSuchBucket", 404), "does not exist"),
+        (client_error("PermanentRedirect", 301), "set region"),
+        (client_error("InvalidStorageClass", 400, f"echo {SECRET}"), "InvalidStorageClass"),
+        (bx.NoCredentialsError(), "no AWS credentials found"),
+        (bx.SSLError(endpoint_url=s3.url, error="certificate verify failed"), "set ca_bundle"),
+    ]
+    for error in transient:
+        with pytest.raises(DestinationFailed) as caught, dest._mapped("upload"):
+            raise error
+        assert type(caught.value) is DestinationFailed
+    for error, expected in refused:
+        with pytest.raises(DestinationRefused) as caught, dest._mapped("upload"):
+            raise error
+        message = str(caught.value)
+        assert expected in message and "\n" not in message, message
+        assert SECRET not in message and KEY_ID not in message
