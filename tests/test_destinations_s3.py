@@ -445,6 +445,19 @@ def test_dest_check_and_config_problems_are_one_line_exit_2(workspace, s3):
         assert expected in message and "\n" not in message and "Traceback" not in message
         assert SECRET not in result.stdout + result.stderr
 
+    # the standard AWS chain (here: its environment variables) when no *_env keys are given
+    chain = s3_block(s3, plain)
+    del chain["access_key_env"], chain["secret_key_env"]
+    config["destinations"] = [chain]
+    workspace.write_config(config)
+    result = workspace.invoke("dest-check", env={"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "credentials: found (env;" in result.stdout and "round trip: ok" in result.stdout
+    assert SECRET not in result.stdout + result.stderr and KEY_ID not in result.stdout + result.stderr
+    no_chain = {"AWS_SHARED_CREDENTIALS_FILE": str(workspace.path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    result = workspace.invoke("dest-check", env=no_chain)
+    assert result.returncode == 2 and "no AWS credentials found" in result.stderr
+
     config["destinations"] = [s3_block(s3, plain, part_size_mib=2)]
     workspace.write_config(config)
     result = workspace.invoke("validate")
