@@ -56,8 +56,8 @@ def _reconcile(dest: Destination, local: list[store.Backup], held: dict[tuple[st
         if remote is not None and remote.verified and dest.name not in entries:
             entries[dest.name] = next(iter(remote.record["destinations"].values()))
             backup.save()
-        elif remote is None and dest.name in entries:
-            del entries[dest.name]
+        elif (remote is None or remote.damage) and dest.name in entries:
+            del entries[dest.name]  # gone, or changed on the server: not a copy any more
             backup.save()
 
 
@@ -75,6 +75,17 @@ def sync_database(
     result = SyncResult(dest.name, db.name)
     listing = retrying(dest, functools.partial(dest.list, db.name), "listing")
     held = {remote.key: remote for remote in listing.backups}
+    for remote in listing.backups:
+        if remote.damage:
+            log.warning(
+                "%s: %s/%s/%s is DAMAGED on the destination (%s); it is not replaced (copies are never "
+                "overwritten): remove it there and the next run copies it again",
+                dest.name,
+                db.name,
+                remote.tier,
+                remote.file,
+                remote.damage,
+            )
     local = [b for b in store.list_backups(spec.backup_dir, db.name) if b.verified]
     keep = dest.retention(db.retention)
     if not dry_run:

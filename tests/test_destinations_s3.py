@@ -219,6 +219,14 @@ def test_multipart_push_is_verified_recorded_and_caught_up(tmp_path, s3):
         assert offsite.sync_database(dest, spec, db).pushed == [f"daily/{older.path.name}"]
     assert client.head_object(Bucket=bucket, Key=key_of(older))["ContentLength"] == older.record["size"]
 
+    # a copy changed on the server stops counting as a copy (status shows the lag) and is not overwritten
+    flip_a_byte(s3, bucket, key_of(older))
+    with dest:
+        assert offsite.sync_database(dest, spec, db).pushed == []
+        assert [r.damage is not None for r in dest.list("pg").backups] == [False, True]
+    assert "cloud" not in store.load(older.path).record["destinations"]
+    assert "cloud" in store.load(big.path).record["destinations"]
+
 
 def test_existing_objects_are_never_overwritten(tmp_path, s3):
     bucket = s3.bucket()
