@@ -493,3 +493,31 @@ def docs(c, check=False):
     # a fresh process: Invoke has consumed this module's help texts while parsing the command line
     argv = [sys.executable, "-m", "lib.docs"] + (["--check"] if check else [])
     raise Exit(code=subprocess.call(argv, cwd=Path(__file__).parent))
+
+
+@task(
+    name="dest-check",
+    iterable=["dest"],
+    help={
+        "dest": "Check this destination (a name under 'destinations:'); repeatable; default: all.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def dest_check(c, dest=None, config=None):
+    """Check destinations: credentials, access, lock configuration and a small round trip (S3); listing (others). Exit 2 on a problem."""
+    from lib import destinations
+
+    spec = spec_and_log(config, with_file_log=False)
+    if not spec.destinations:
+        raise InputError(f"{spec.config_path} has no destinations; add one under 'destinations:' (see README)")
+    problems: list[str] = []
+    for item in destinations.configured(spec, dest or None):
+        with item:
+            lines, found = item.check()
+        print("\n".join(lines))
+        problems += found
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)
+    print("destinations: ok")

@@ -90,10 +90,12 @@ class Spec:
     @property
     def secret_env_names(self) -> frozenset[str]:
         """Environment variables backup.yml names as holding secrets: every database's
-        ``password_env`` and ``encryption.passphrase_env``."""
+        ``password_env``, ``encryption.passphrase_env`` and every destination's ``*_env`` key."""
         names = {db.password_env for db in self.databases.values() if db.password_env}
         if self.encryption.get("passphrase_env"):
             names.add(self.encryption["passphrase_env"])
+        for block in self.destinations:  # e.g. an S3 destination's access_key_env/secret_key_env
+            names.update(value for key, value in block.items() if key.endswith("_env") and isinstance(value, str))
         return frozenset(names)
 
     def select(self, names: list[str] | None) -> list[DatabaseSpec]:

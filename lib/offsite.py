@@ -20,9 +20,11 @@ from pathlib import Path
 from lib import destinations, store
 from lib.config import DatabaseSpec, Spec
 from lib.destinations.base import (
+    DeleteDeclined,
     Destination,
     Progress,
     RemoteBackup,
+    StillLocked,
     check_fetched,
     parse_record,
     remote_record,
@@ -42,6 +44,8 @@ class SyncResult:
     pushed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: past retention but not deleted: still locked on the server, or not written by this tool
+    kept: list[str] = field(default_factory=list)
 
 
 def _reconcile(dest: Destination, local: list[store.Backup], held: dict[tuple[str, str], RemoteBackup]) -> None:
@@ -52,8 +56,8 @@ def _reconcile(dest: Destination, local: list[store.Backup], held: dict[tuple[st
         if remote is not None and remote.verified and dest.name not in entries:
             entries[dest.name] = next(iter(remote.record["destinations"].values()))
             backup.save()
-        elif remote is None and dest.name in entries:
-            del entries[dest.name]
+        elif (remote is None or remote.damage) and dest.name in entries:
+            del entries[dest.name]  # gone, or changed on the server: not a copy any more
             backup.save()
 
 
@@ -71,6 +75,17 @@ def sync_database(
     result = SyncResult(dest.name, db.name)
     listing = retrying(dest, functools.partial(dest.list, db.name), "listing")
     held = {remote.key: remote for remote in listing.backups}
+    for remote in listing.backups:
+        if remote.damage:
+            log.warning(
+                "%s: %s/%s/%s is DAMAGED on the destination (%s); it is not replaced (copies are never "
+                "overwritten): remove it there and the next run copies it again",
+                dest.name,
+                db.name,
+                remote.tier,
+                remote.file,
+                remote.damage,
+            )
     local = [b for b in store.list_backups(spec.backup_dir, db.name) if b.verified]
     keep = dest.retention(db.retention)
     if not dry_run:
@@ -105,11 +120,21 @@ def sync_database(
     local_by_key = {(b.tier, b.path.name): b for b in local}
     for remote in store.plan_retention(list(held.values()), keep, now):
         label = f"{remote.tier}/{remote.file}"
-        result.deleted.append(label)
         if dry_run:
+            result.deleted.append(label)
             log.info("%s: would delete %s/%s", dest.name, db.name, label)
             continue
-        retrying(dest, functools.partial(dest.delete, remote), f"deleting {remote.file}")
+        try:
+            retrying(dest, functools.partial(dest.delete, remote), f"deleting {remote.file}")
+        except StillLocked as exc:
+            result.kept.append(label)
+            log.info("%s: kept %s/%s: %s", dest.name, db.name, label, exc)
+            continue
+        except DeleteDeclined as exc:
+            result.kept.append(label)
+            log.warning("%s: kept %s/%s: %s", dest.name, db.name, label, exc)
+            continue
+        result.deleted.append(label)
         log.info("%s: deleted %s/%s (keep_days %s)", dest.name, db.name, label, keep.get(remote.tier))
         owner = local_by_key.get(remote.key)
         if owner is not None and owner.record.get("destinations", {}).pop(dest.name, None) is not None:
@@ -162,6 +187,8 @@ def listing_lines(spec: Spec, dest_name: str, dbs: list[DatabaseSpec]) -> list[s
                 for remote in (r for r in listing.backups if r.tier == tier):
                     info = next(iter(remote.record.get("destinations", {}).values()), {})
                     state = f"verified copy ({info.get('method', '?')})" if remote.verified else "NOT verified"
+                    if remote.damage:
+                        state = f"DAMAGED: {remote.damage}"
                     lines.append(
                         f"  {tier:<8} {remote.file:<40} {store.human_size(remote.size):>10} "
                         f"{store.human_age(now - remote.created):>5} old  {state}"

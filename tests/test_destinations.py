@@ -530,3 +530,26 @@ def test_rsync_classifies_errors(tmp_path):
     for stderr, code in permanent:
         assert isinstance(dest.classify(stderr, "upload", code), DestinationRefused), stderr
     assert not isinstance(dest.classify("something odd", "upload", 2), DestinationFailed)  # unknown: not retried
+
+
+def test_dest_check_lists_each_database_once_and_names_the_problem(tmp_path):
+    """The default check (rsync, sftp): one listing per database, no retries, the problem in one line."""
+    spec = write_spec(
+        tmp_path,
+        [
+            {"name": "nas", "type": "rsync", "target": str(tmp_path), "retries": 3, "backoff_seconds": 60},
+            {
+                "name": "gone",
+                "type": "rsync",
+                "target": str(tmp_path / "unmounted"),
+                "retries": 3,
+                "backoff_seconds": 60,
+            },
+        ],
+    )
+    make_backup(spec.backup_dir, timedelta(hours=1))
+    nas, gone = configured(spec)
+    lines, problems = nas.check()
+    assert problems == [] and "  pg: 0 backup(s) listed" in lines
+    lines, problems = gone.check()  # would wait 60 s and more if it retried
+    assert len(problems) == 1 and "does not exist" in problems[0] and "\n" not in problems[0]

@@ -121,6 +121,7 @@ DESTINATION_BASES = {
         "path": "/srv",
         "identity_file": "k",
     },
+    "s3": {"name": "cloud", "type": "s3", "bucket": "lemon-backups"},
 }
 
 
@@ -152,6 +153,15 @@ def config_with(path: str, condition: str, value):
         node.setdefault("known_hosts", "kh")
     if last == "target" and ":" in value:  # rsync over ssh needs its ssh block
         node["ssh"] = {"identity_file": "k", "known_hosts": "kh"}
+    if wants.get("type") == "s3":  # keys that only come together
+        dest = data["destinations"][0]
+        if any(key in dest for key in ("access_key_env", "secret_key_env", "session_token_env")):
+            dest.setdefault("access_key_env", "S3_ACCESS_KEY_ID")
+            dest.setdefault("secret_key_env", "S3_SECRET_ACCESS_KEY")
+        if isinstance(dest.get("server_side_encryption"), dict):
+            dest["server_side_encryption"].setdefault("algorithm", "aws:kms")
+        if isinstance(dest.get("object_lock"), dict):
+            dest["object_lock"].setdefault("mode", "governance")
     return data
 
 

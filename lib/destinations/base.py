@@ -41,6 +41,15 @@ class DestinationRefused(EnvironmentProblem):
     """A problem retrying cannot fix (host key, key refused, missing file): not retried, exit 2."""
 
 
+class DeleteDeclined(Exception):
+    """Remote retention did not delete a copy, for a reason that is not a failure (the message says
+    why). Not retried; the copy is listed again next time."""
+
+
+class StillLocked(DeleteDeclined):
+    """The server refused to delete a copy because it is still locked (e.g. S3 Object Lock): info."""
+
+
 @dataclass
 class RemoteBackup:
     """A backup held by a destination: where it is, its size there and the record stored with it."""
@@ -49,6 +58,8 @@ class RemoteBackup:
     path: str
     size: int
     record: dict[str, Any]
+    #: why the copy on the server is not what its record describes (changed, wrong size), or None
+    damage: str | None = None
 
     @property
     def file(self) -> str:
@@ -72,7 +83,7 @@ class RemoteBackup:
         arrived = any(
             isinstance(v, dict) and v.get("verified_at") for v in self.record.get("destinations", {}).values()
         )
-        return bool(self.record.get("verified", {}).get("ok")) and arrived
+        return bool(self.record.get("verified", {}).get("ok")) and arrived and self.damage is None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -188,6 +199,20 @@ class Destination(ABC):
     @abstractmethod
     def delete(self, remote: RemoteBackup) -> None:
         """Delete a remote backup and its sidecars (data first, record last)."""
+
+    def check(self) -> tuple[list[str], list[str]]:
+        """What ``invoke dest-check`` prints and the problems found: (lines, problems). This default
+        lists each configured database; types with more to check (credentials, locks) override it."""
+        lines, problems = [f"{self.name} ({self.label()})"], []
+        for name in self.spec.databases:
+            try:
+                listing = self.list(name)  # once: a check reports, it does not wait out retries
+            except (DestinationFailed, DestinationRefused) as exc:
+                problems.append(str(exc))
+                lines.append(f"  listing: FAILED: {exc}")
+                break
+            lines.append(f"  {name}: {len(listing.backups)} backup(s) listed")
+        return lines, problems
 
     @abstractmethod
     def remove_leftovers(self, paths: Iterable[str]) -> None:
