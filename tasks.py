@@ -396,6 +396,9 @@ def adopt(c, db=None, dry_run=False, config=None):
         "no_restore": "Skip the restore comparison.",
         "json": "Also write the results to this JSON file.",
         "drop": "Drop the benchmark database afterwards (default: keep it for the next run).",
+        "destinations_mb": "Instead, measure off-site copies with a file of this many MiB: upload and download "
+        "throughput to a loopback sshd (sftp, rsync) and a local S3 server (moto), and the tool's peak memory "
+        "while uploading 2, 10 and 30 times the S3 part size (tests/bench_destinations.py).",
     },
 )
 def bench(
@@ -409,11 +412,16 @@ def bench(
     no_restore=False,
     json=None,
     drop=False,
+    destinations_mb=0,
 ):
     """Benchmark old scripts vs this tool vs the pg_dump floor; prints medians and ratios (see docs/benchmarks.md)."""
     import subprocess
     import sys
     from pathlib import Path
+
+    if int(destinations_mb):
+        script = Path(__file__).parent / "tests" / "bench_destinations.py"
+        raise Exit(code=subprocess.call([sys.executable, str(script), str(int(destinations_mb))]))
 
     argv = [
         sys.executable,
