@@ -295,6 +295,7 @@ def test_missing_roles_are_named_before_anything_is_touched(workspace, scratch_d
     assert databases_like(scratch_db.name) == before
     result = workspace.invoke("restore", "--engine", "postgres", "--file", "latest", "--yes", "--no-owner")
     assert result.returncode == 0, result.stderr
+    assert "left out 1 ownership/privilege statement(s)" in result.stderr
     assert scratch_db.sql("SELECT tableowner FROM pg_tables WHERE tablename = 't';") == PGUSER
 
 

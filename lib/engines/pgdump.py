@@ -288,10 +288,6 @@ class DumpReader:
         return end
 
     # -- the lexer ----------------------------------------------------------------------------
-    def _need(self, eof: bool) -> bool:
-        """At a token that may go on past the buffer's end: stop here unless at the end of input."""
-        return not eof
-
     def _lex(self, eof: bool) -> bytes | None:
         """Lex from ``pos``; returns the unread rest of the buffer when COPY data starts (the
         buffer is then emptied), else None when it needs more input."""

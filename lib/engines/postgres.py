@@ -409,6 +409,12 @@ class Postgres(Engine):
             if not analyzed:
                 log.info("%s: the ANALYZE session during the load failed; analyzing after the load", db.name)
                 watch.analyzed.clear()
+            if router.skipped:
+                log.info(
+                    "%s: left out %d ownership/privilege statement(s) (--no-owner/--no-privileges)",
+                    db.name,
+                    router.skipped,
+                )
             if router.split_blocks:
                 log.info("%s: %d large table(s) loaded by two sessions at once", db.name, len(router.split_blocks))
             if router.parallel_items:
