@@ -218,14 +218,52 @@ def validation_errors(data: Any) -> list[str]:
     return seen + consistency_errors(data)
 
 
+#: pg_dump arguments the backup road cannot carry: (how the argument starts, why, the fix)
+_PG_DUMP_ARGS_REFUSED = (
+    ("--file", "the dump must go to the pipeline, not a file", "remove it"),
+    ("-f", "the dump must go to the pipeline, not a file", "remove it"),
+    ("--format", "the format is chosen by the database's 'format' key", "set format: plain|custom instead"),
+    ("-F", "the format is chosen by the database's 'format' key", "set format: plain|custom instead"),
+)
+
+
+def _dump_args_errors(name: str, args: Any, plain: bool) -> list[str]:
+    """pg_dump arguments that would break every backup or every restore of database ``name``
+    (``plain``: its dumps are SQL scripts, where --clean writes DROP statements)."""
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        return []
+    where = f"At 'databases.{name}.dump_args'"
+    problems = []
+    for arg in args:
+        for start, why, fix in _PG_DUMP_ARGS_REFUSED:
+            long = start.startswith("--")
+            if arg == start or arg.startswith(start + "=") if long else arg.startswith(start) and arg[1] != "-":
+                problems.append(f"{where}: '{arg}' cannot be used: {why}; {fix}")
+                break
+    cleans = "--clean" in args or "-c" in args
+    if plain and cleans and "--if-exists" not in args:
+        problems.append(
+            f"{where}: --clean without --if-exists makes every restore fail on its first DROP "
+            f"(restores load into a new scratch database); add --if-exists, or drop --clean"
+        )
+    return problems
+
+
 def consistency_errors(data: Any) -> list[str]:
-    """Problems across entries that JSON Schema cannot express: a destination name used more than
-    once (names are what --dest/--from and records refer to). Tolerates data the schema refused."""
+    """Problems JSON Schema cannot express: a destination name used more than once (names are what
+    --dest/--from and records refer to); pg_dump arguments that would break every backup or
+    restore. Tolerates data the schema refused."""
+    problems = []
+    databases = data.get("databases") if isinstance(data, dict) else None
+    if isinstance(databases, dict):
+        for name, block in databases.items():
+            if isinstance(block, dict) and block.get("engine", "postgres") == "postgres":
+                plain = block.get("format", "plain") == "plain"
+                problems += _dump_args_errors(str(name), block.get("dump_args"), plain)
     destinations = data.get("destinations") if isinstance(data, dict) else None
     if not isinstance(destinations, list):
-        return []
+        return problems
     first: dict[str, int] = {}
-    problems = []
     for index, block in enumerate(destinations):
         name = block.get("name") if isinstance(block, dict) else None
         if not isinstance(name, str):

@@ -148,3 +148,35 @@ destinations:
     )
     assert "'colour' was unexpected" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fmt", "problem"),
+    [
+        (["--clean"], "plain", "--clean without --if-exists makes every restore fail on its first DROP"),
+        (["-c", "--exclude-table=audit_log"], "plain", "add --if-exists, or drop --clean"),
+        (["-Fc"], "plain", "'-Fc' cannot be used: the format is chosen by the database's 'format' key"),
+        (["--format=custom"], "custom", "set format: plain|custom instead"),
+        (["--file=/tmp/x.sql"], "plain", "'--file=/tmp/x.sql' cannot be used: the dump must go to the pipeline"),
+        (["-f/tmp/x.sql"], "custom", "'-f/tmp/x.sql' cannot be used"),
+    ],
+)
+def test_dump_args_that_break_every_backup_or_restore_are_refused(args, fmt, problem):
+    db = {"engine": "postgres", "database": "d", "format": fmt, "dump_args": args}
+    errors = validation_errors({"version": 1, "databases": {"pg": db}})
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("At 'databases.pg.dump_args': ")
+    assert problem in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fmt"),
+    [
+        (["--clean", "--if-exists"], "plain"),
+        (["--clean"], "custom"),
+        (["--exclude-table=audit_log", "--schema=public"], "plain"),
+    ],
+)
+def test_dump_args_that_work_are_accepted(args, fmt):
+    db = {"engine": "postgres", "database": "d", "format": fmt, "dump_args": args}
+    assert validation_errors({"version": 1, "databases": {"pg": db}}) == []
