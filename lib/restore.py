@@ -93,6 +93,11 @@ def check_target(spec: Spec, db: DatabaseSpec, into: str | None, force: bool = F
         return
     if not into.strip():
         raise InputError("--into needs a database name")
+    if db.engine == "s3":  # BUCKET[/PREFIX]: the engine checks the bucket name before anything is touched
+        from lib.engines.s3 import split_target
+
+        split_target(into)
+        return
     if len(into.encode()) > MAX_NAME_BYTES:
         raise InputError(
             f"--into {into}: the name is {len(into.encode())} bytes; database names have at most "

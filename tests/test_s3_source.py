@@ -325,3 +325,24 @@ def test_config_of_a_bucket_source(workspace, s3):
     assert ok.returncode == 0, ok.stderr  # the old scripts' variables name databases, not buckets
     unset = workspace.invoke("backup", "--db", "media", env={"MEDIA_KEY": KEY_ID})
     assert unset.returncode == 2 and "$MEDIA_SECRET" in unset.stderr
+
+
+def test_an_incremental_restores_from_an_off_site_copy_with_its_chain(workspace, s3):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=30, seed=11)
+    config = media_config(s3, bucket)
+    (workspace.path / "nas").mkdir()
+    config["destinations"] = [{"name": "nas", "type": "rsync", "target": str(workspace.path / "nas")}]
+    workspace.write_config(config)
+    assert run(workspace, "backup", "--all").returncode == 0
+    s3.client().put_object(Bucket=bucket, Key="dm-images/later.jpg", Body=b"later")
+    s3.client().delete_object(Bucket=bucket, Key="dm-voice/메시지-0003.bin")
+    second = run(workspace, "backup", "--all")
+    assert second.returncode == 0, second.stderr
+    expected = snapshot(s3, bucket)
+    for backup in stored(workspace):  # the local backups are lost
+        store.delete(backup)
+    target = f"from-nas-{bucket}"
+    done = run(workspace, "restore", "--engine", "s3", "--from", "nas", "--file", "latest", "--into", target, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert snapshot(s3, target) == expected
