@@ -404,6 +404,8 @@ def adopt(c, db=None, dry_run=False, config=None):
         "destinations_mb": "Instead, measure off-site copies with a file of this many MiB: upload and download "
         "throughput to a loopback sshd (sftp, rsync) and a local S3 server (moto), and the tool's peak memory "
         "while uploading 2, 10 and 30 times the S3 part size (tests/bench_destinations.py).",
+        "bucket_mb": "Instead, measure bucket backups (engine s3) of this many MiB of mixed media on a local S3 server: "
+        "full backup and restore against aws s3 sync, an incremental after 1% changed (benchmarks/bench_buckets.py).",
     },
 )
 def bench(
@@ -418,12 +420,16 @@ def bench(
     json=None,
     drop=False,
     destinations_mb=0,
+    bucket_mb=0,
 ):
     """Benchmark old scripts vs this tool vs the pg_dump floor; prints medians and ratios (see docs/benchmarks.md)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    if int(bucket_mb):
+        script = Path(__file__).parent / "benchmarks" / "bench_buckets.py"
+        raise Exit(code=subprocess.call([sys.executable, str(script), str(int(bucket_mb))]))
     if int(destinations_mb):
         script = Path(__file__).parent / "tests" / "bench_destinations.py"
         raise Exit(code=subprocess.call([sys.executable, str(script), str(int(destinations_mb))]))
