@@ -24,7 +24,7 @@ from s3server import S3Server
 from lib import store
 
 KEY_ID, SECRET = "AKIAZZSOURCEKEY00042", "source-secret/Zq9+never-to-be-seen"
-CREDS = {"MEDIA_KEY": KEY_ID, "MEDIA_SECRET": SECRET}
+CREDS = {"MEDIA_KEY": KEY_ID, "MEDIA_SECRET": SECRET, "BACKUP_PASSPHRASE": "correct horse battery"}
 
 
 @pytest.fixture(scope="module")
@@ -327,10 +327,16 @@ def test_config_of_a_bucket_source(workspace, s3):
     assert unset.returncode == 2 and "$MEDIA_SECRET" in unset.stderr
 
 
-def test_an_incremental_restores_from_an_off_site_copy_with_its_chain(workspace, s3):
+def test_an_encrypted_incremental_restores_from_an_off_site_copy_with_its_chain(workspace, s3):
     bucket = s3.bucket()
     fill(s3, bucket, count=30, seed=11)
     config = media_config(s3, bucket)
+    (workspace.path / "gnupg").mkdir(mode=0o700)
+    config["encryption"] = {
+        "mode": "symmetric",
+        "passphrase_env": "BACKUP_PASSPHRASE",
+        "gnupghome": str(workspace.path / "gnupg"),
+    }
     (workspace.path / "nas").mkdir()
     config["destinations"] = [{"name": "nas", "type": "rsync", "target": str(workspace.path / "nas")}]
     workspace.write_config(config)
@@ -340,6 +346,8 @@ def test_an_incremental_restores_from_an_off_site_copy_with_its_chain(workspace,
     second = run(workspace, "backup", "--all")
     assert second.returncode == 0, second.stderr
     expected = snapshot(s3, bucket)
+    assert [b.path.name.endswith(".tar.zst.gpg") for b in stored(workspace)] == [True, True]
+    assert stored(workspace)[1].record["chain"]["kind"] == "incremental"
     for backup in stored(workspace):  # the local backups are lost
         store.delete(backup)
     target = f"from-nas-{bucket}"

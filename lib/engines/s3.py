@@ -267,6 +267,15 @@ class S3Bucket(Engine):
             files.append((path, record))
         return list(reversed(files))
 
+    @staticmethod
+    def decode(request: RestoreRequest, path: Path, record: Mapping[str, Any]) -> list[Stage]:
+        """Fresh decode stages for a file of the chain (decryption stages serve one run each)."""
+        if request.decode_file is not None:
+            return request.decode_file(path, dict(record))
+        if path != request.source:
+            raise RunFailed("no way to decode the chain's files was given")
+        return request.decode
+
     def target_manifest(self, request: RestoreRequest, work: Path) -> dict[str, Any]:
         """The manifest of the file to restore: the local copy when it is the one its record
         names, else read out of the file."""
@@ -275,7 +284,8 @@ class S3Bucket(Engine):
         if recorded and copy.is_file() and store.sha256_of(copy) == recorded:
             return json.loads(copy.read_text(encoding="utf-8"))
         out = work / "manifest.json"
-        stages = [*request.decode, self.helper("read the manifest", "manifest", None, {"manifest_out": str(out)})]
+        decode = self.decode(request, request.source, request.record)
+        stages = [*decode, self.helper("read the manifest", "manifest", None, {"manifest_out": str(out)})]
         result = run_pipeline(stages, TailSink(4096), source=request.source)
         result.raise_for_status()
         return json.loads(out.read_text(encoding="utf-8"))
@@ -319,7 +329,7 @@ class S3Bucket(Engine):
                 raise RunFailed("no way to verify the chain was given")
             checks = request.verify_file(path, record)
             request.log.info("%s: %s (chain) verified (%s)", request.db.name, path.name, ", ".join(checks))
-        work = Path(tempfile.mkdtemp(prefix=".s3-restore-", dir=request.source.parent))
+        work = Path(tempfile.mkdtemp(prefix="lemon-s3-restore-"))  # 0700; key names and checksums only
         try:
             manifest = self.target_manifest(request, work)
         finally:
@@ -383,8 +393,8 @@ class S3Bucket(Engine):
             wanted = {key: entries[key]["sha256"] for key in wanted_all if entries[key].get("in") == path.name}
             if not wanted:
                 continue
-            decode = request.decode if path == request.source else request.decode_file(path, record)  # type: ignore[misc]
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-s3-wanted-", suffix=".json") as handle:
+            decode = self.decode(request, path, record)
+            with tempfile.NamedTemporaryFile("w", prefix="lemon-s3-wanted-", suffix=".json") as handle:
                 json.dump(wanted, handle)
                 handle.flush()
                 job = self.job(
