@@ -96,7 +96,13 @@ def check_target(spec: Spec, db: DatabaseSpec, into: str | None, force: bool = F
     if db.engine == "s3":  # BUCKET[/PREFIX]: the engine checks the bucket name before anything is touched
         from lib.engines.s3 import split_target
 
-        split_target(into)
+        bucket, _ = split_target(into)
+        for other in spec.databases.values():
+            if other.name != db.name and other.engine == "s3" and other.options.get("bucket") == bucket and not force:
+                raise InputError(
+                    f"--into {into}: bucket '{bucket}' is the one backup.yml configures as '{other.name}'; restore it "
+                    f"with --db {other.name}, or {FORCE_HINT}"
+                )
         return
     if len(into.encode()) > MAX_NAME_BYTES:
         raise InputError(

@@ -39,8 +39,8 @@ from lib import store
 from lib.config import DatabaseSpec, Spec
 from lib.engines import register
 from lib.engines.base import Engine, RestoreRequest
-from lib.engines.s3tar import JOB_ENV, SECRET_ENV
-from lib.errors import ConfigError, EnvironmentProblem, InputError, RunFailed, VerificationFailed
+from lib.engines.s3tar import JOB_ENV, POLICY_HINT, SECRET_ENV
+from lib.errors import ConfigError, EnvironmentProblem, InputError, RunFailed, ToolError, VerificationFailed
 from lib.exec import Place
 from lib.stream import Stage, TailSink, run_pipeline
 
@@ -120,7 +120,7 @@ class S3Bucket(Engine):
         if bucket:
             block["bucket"] = bucket
         shim = SimpleNamespace(env=place.secrets, resolve=Path)
-        return S3Connection(block, shim, f"database '{db.name}'", RunFailed, RunFailed)  # type: ignore[arg-type]
+        return S3Connection(block, shim, f"database '{db.name}'", RunFailed, RunFailed, policy=POLICY_HINT)  # type: ignore[arg-type]
 
     # -- backup ------------------------------------------------------------------------------
     def suffix(self, db: DatabaseSpec) -> str:
@@ -394,24 +394,26 @@ class S3Bucket(Engine):
             if not wanted:
                 continue
             decode = self.decode(request, path, record)
-            with tempfile.NamedTemporaryFile("w", prefix="lemon-s3-wanted-", suffix=".json") as handle:
-                json.dump(wanted, handle)
-                handle.flush()
+            with tempfile.TemporaryDirectory(prefix="lemon-s3-upload-") as work:
+                wanted_file, result_file = Path(work) / "wanted.json", Path(work) / "uploaded.json"
+                wanted_file.write_text(json.dumps(wanted), encoding="utf-8")
                 job = self.job(
                     db,
                     target_bucket=plan["bucket"],
                     target_prefix=plan["prefix"],
-                    wanted=handle.name,
+                    wanted=str(wanted_file),
+                    result_out=str(result_file),
                 )
                 stage = self.helper("upload objects", "upload", request.place, job)
-                result = run_pipeline([*decode, stage], TailSink(64 << 20), source=path)
-            try:
-                result.raise_for_status()
-            except Exception as exc:
-                raise RunFailed(
-                    f"restore into bucket '{plan['bucket']}' failed: {exc}; objects uploaded so far stay"
-                ) from None
-            uploaded = json.loads(result.tail.decode().strip().splitlines()[-1])["uploaded"]
+                result = run_pipeline([*decode, stage], TailSink(4096), source=path)
+                try:
+                    result.raise_for_status()
+                except ToolError as exc:
+                    raise RunFailed(
+                        f"restore into bucket '{plan['bucket']}' failed: {exc}; objects uploaded so far stay "
+                        "(run the restore again: it uploads what is still missing)"
+                    ) from None
+                uploaded = json.loads(result_file.read_text(encoding="utf-8"))["uploaded"]
             missing = set(wanted) - set(uploaded)
             if missing:
                 raise RunFailed(

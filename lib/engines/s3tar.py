@@ -7,7 +7,8 @@ lib/engines/s3.py). Modes:
   print a one-line JSON summary (``complete`` false with ``error`` when anything is wrong);
 - ``manifest``: read such a tar on stdin and write its manifest to the job's ``manifest_out``;
 - ``upload``: read such a tar on stdin and upload the objects the job's ``wanted`` file names
-  (key -> sha256) into the target bucket; print a JSON summary (key -> ETag uploaded).
+  (key -> sha256) into the target bucket; write a JSON summary (key -> ETag uploaded) to the
+  job's ``result_out``.
 
 The job (what to do, where; never a secret) comes as JSON in ``$LEMON_S3_JOB``; the credentials
 in ``$LEMON_S3_ACCESS_KEY``/``$LEMON_S3_SECRET_KEY``/``$LEMON_S3_SESSION_TOKEN`` (or boto3's
@@ -54,6 +55,7 @@ SECRET_ENV = {
     "secret_key_env": "LEMON_S3_SECRET_KEY",
     "session_token_env": "LEMON_S3_SESSION_TOKEN",
 }
+POLICY_HINT = "the rights in docs/buckets.md (read-only for backups; PutObject and more to restore)"
 HEADER_NAME = "lemon-s3-backup.json"
 MANIFEST_NAME = "manifest.json"
 OBJECT_DIR = "objects/"
@@ -79,7 +81,9 @@ def connection(job: dict[str, Any], bucket: str | None = None) -> Any:
         block["bucket"] = bucket
     shim = SimpleNamespace(env=os.environ, resolve=lambda p: Path(p))
     workers = int(job.get("workers", 8))
-    return S3Connection(block, shim, job.get("owner", "source"), RunFailed, RunFailed, pool_size=workers + 2)  # type: ignore[arg-type]
+    return S3Connection(
+        block, shim, job.get("owner", "source"), RunFailed, RunFailed, pool_size=workers + 2, policy=POLICY_HINT
+    )  # type: ignore[arg-type]
 
 
 def iso_time(moment: Any) -> str:
@@ -532,8 +536,9 @@ def main(argv: list[str]) -> int:
             print(json.dumps(summary, sort_keys=True))
         elif mode == "manifest":
             extract_manifest(job)
-        elif mode == "upload":
-            print(json.dumps(upload(job), sort_keys=True))
+        elif mode == "upload":  # the result may be large: to a file, not through the pipeline's tail
+            with open(job["result_out"], "w", encoding="utf-8") as handle:
+                json.dump(upload(job), handle, sort_keys=True)
         else:
             raise Failed(f"unknown mode {mode!r}; use dump, inspect, manifest or upload")
     except (Failed, RunFailed, tarfile.TarError, OSError, EOFError) as exc:
@@ -541,6 +546,9 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - a dropped connection mid-body (urllib3), a server's oddity
+        print(f"{mode}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
