@@ -354,3 +354,68 @@ def test_an_encrypted_incremental_restores_from_an_off_site_copy_with_its_chain(
     done = run(workspace, "restore", "--engine", "s3", "--from", "nas", "--file", "latest", "--into", target, "--yes")
     assert done.returncode == 0, done.stderr
     assert snapshot(s3, target) == expected
+
+
+def archive(
+    objects: dict[str, bytes], manifest_extra: dict | None = None, lie: str | None = None, kind="full"
+) -> bytes:
+    """A bucket archive as the helper writes it; ``lie``: the key whose manifest sha256 is wrong."""
+    import io
+    import tarfile
+
+    from lib.engines import s3tar
+
+    out = io.BytesIO()
+    tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8")  # noqa: SIM115
+    s3tar.json_member(tar, s3tar.HEADER_NAME, {"format": 1, "bucket": "b", "prefixes": [""], "kind": kind})
+    entries = []
+    for key, data in objects.items():
+        entry = {
+            "key": key,
+            "size": len(data),
+            "etag": "x",
+            "last_modified": "2026-12-01T00:00:00Z",
+            "content_type": "",
+            "metadata": {},
+            "headers": {},
+        }
+        tar.addfile(s3tar.object_member(entry), s3tar._Bytes(data))
+        sha = hashlib.sha256(b"other" if key == lie else data).hexdigest()
+        entries.append({**entry, "sha256": sha, "in": "f", "stored": True})
+    s3tar.json_member(
+        tar, s3tar.MANIFEST_NAME, {"kind": kind, "prefixes": [""], "objects": entries, **(manifest_extra or {})}
+    )
+    tar.close()
+    return out.getvalue()
+
+
+def inspect(data: bytes) -> dict:
+    helper = ROOT / "lib" / "engines" / "s3tar.py"
+    proc = subprocess.run([sys.executable, "-I", str(helper), "inspect"], input=data, capture_output=True, check=True)
+    return json.loads(proc.stdout)
+
+
+def test_the_archive_check_catches_what_a_compressor_cannot():
+    objects = {"dm-images/사진.jpg": b"jpeg bytes", "dm-voice/빈": b"", "dm-images/a/b/c/" + "긴" * 60: b"long key"}
+    good = inspect(archive(objects))
+    assert good["complete"] and good["objects"] == 3 and good["bytes"] == 18
+    lied = inspect(archive(objects, lie="dm-images/사진.jpg"))
+    assert not lied["complete"] and "dm-images/사진.jpg: sha256" in lied["error"]
+    whole = archive(objects)
+    cut = inspect(whole[: len(whole) // 2])
+    assert not cut["complete"]
+    missing = archive(objects, manifest_extra={"objects": []})
+    assert "not in the manifest" in inspect(missing)["error"]
+
+
+def test_restore_refuses_a_bad_or_foreign_target_bucket_before_anything(workspace, s3):
+    config = media_config(s3, "lemon-media")
+    config["databases"]["archive"] = {**config["databases"]["media"], "bucket": "lemon-archive"}
+    workspace.write_config(config)
+    base = ("restore", "--engine", "s3", "--db", "media", "--file", "latest", "--yes", "--into")
+    foreign = run(workspace, *base, "lemon-archive/copy")
+    assert foreign.returncode == 2 and "configures as 'archive'" in foreign.stderr
+    bad = run(workspace, *base, "Not_A_Bucket")
+    assert bad.returncode == 2 and "not a valid bucket name" in bad.stderr
+    postgres_flag = run(workspace, "restore", "--engine", "postgres", "--file", "latest", "--delete-extra", "--yes")
+    assert postgres_flag.returncode == 2 and "--delete-extra is for bucket restores" in postgres_flag.stderr
