@@ -50,10 +50,13 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
 
 @task(
     help={
-        "engine": "Engine of the backup: postgres or mongodb.",
+        "engine": "Engine of the backup: postgres, mongodb or s3 (a bucket).",
         "file": "Backup file to restore, or 'latest' for the newest verified backup.",
         "db": "Which configured database (needed when several use the engine).",
-        "into": "Restore into this database instead, leaving the configured one alone.",
+        "into": "Restore into this database instead, leaving the configured one alone "
+        "(s3: BUCKET or BUCKET/PREFIX, created when missing).",
+        "delete_extra": "s3: delete the target's objects (under the backup's prefixes) that the backup does not "
+        "hold; by default they are left alone.",
         "yes": "Do not ask for confirmation (required without a terminal, e.g. from cron).",
         "drop_previous": "postgres: drop the replaced database instead of keeping it as <db>_pre_restore_<time>; "
         "mongodb: delete the safety archive after a verified restore.",
@@ -86,12 +89,13 @@ def restore(
     config=None,
     no_owner=False,
     no_privileges=False,
+    delete_extra=False,
 ):
     """Verify a backup, then restore it safely: into a new database, checked, then swapped in."""
     if all:
         return restore_latest(engine, file, db, into, yes, drop_previous, all, from_, wait, config)
     if not engine or not file:
-        raise InputError("restore needs --engine postgres|mongodb and --file PATH|latest")
+        raise InputError("restore needs --engine postgres|mongodb|s3 and --file PATH|latest")
     spec = spec_and_log(config)
     ask = confirm_on_terminal(yes)
     with locked(spec, f"restore {db or engine}", wait):
@@ -107,6 +111,7 @@ def restore(
             no_owner=no_owner,
             no_privileges=no_privileges,
             force_target=force_target,
+            delete_extra=delete_extra,
         )
     print(
         f"restored {summary['file']} into {summary['target']}"
@@ -148,7 +153,7 @@ def list_(c, db=None, dest=None, config=None):
         print(f"{item.name} ({item.engine}, {item.database}): {len(backups)} backup(s)")
         for tier in store.TIERS:
             for b in (b for b in backups if b.tier == tier):
-                state = b.verification_text()
+                state = b.verification_text() + store.chain_text(b.record)
                 print(
                     f"  {tier:<8} {b.path.name:<40} {store.human_size(b.record.get('size', 0)):>10} {store.human_age(now - b.created):>5} old  {state}"
                 )
@@ -399,6 +404,8 @@ def adopt(c, db=None, dry_run=False, config=None):
         "destinations_mb": "Instead, measure off-site copies with a file of this many MiB: upload and download "
         "throughput to a loopback sshd (sftp, rsync) and a local S3 server (moto), and the tool's peak memory "
         "while uploading 2, 10 and 30 times the S3 part size (tests/bench_destinations.py).",
+        "bucket_mb": "Instead, measure bucket backups (engine s3) of this many MiB of mixed media on a local S3 server: "
+        "full backup and restore against aws s3 sync, an incremental after 1% changed (benchmarks/bench_buckets.py).",
     },
 )
 def bench(
@@ -413,12 +420,16 @@ def bench(
     json=None,
     drop=False,
     destinations_mb=0,
+    bucket_mb=0,
 ):
     """Benchmark old scripts vs this tool vs the pg_dump floor; prints medians and ratios (see docs/benchmarks.md)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    if int(bucket_mb):
+        script = Path(__file__).parent / "benchmarks" / "bench_buckets.py"
+        raise Exit(code=subprocess.call([sys.executable, str(script), str(int(bucket_mb))]))
     if int(destinations_mb):
         script = Path(__file__).parent / "tests" / "bench_destinations.py"
         raise Exit(code=subprocess.call([sys.executable, str(script), str(int(destinations_mb))]))

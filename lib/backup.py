@@ -140,6 +140,8 @@ def judge_stream(
         return checks, {}
     try:
         meta = engine.check_summary(db, tail)
+        if record:
+            engine.check_record(meta, record)
     except VerificationFailed as exc:
         raise VerificationFailed(f"{label} failed verification: {exc}") from None
     return checks + engine.verify_checks(db, meta), meta
@@ -290,6 +292,7 @@ def run_backup(
     for leftover in store.clean_temp(directory):
         log.warning("removed leftover of an interrupted run: %s", leftover.name)
     tmp = directory / f"{store.TEMP_PREFIX}{p.path.name}"
+    db, extra_fields = engine.begin_backup(spec, db, p.tier, p.path, tmp)
     stages = engine.dump_stages(db, place)
     if kind:
         stages.append(compress.compressor(kind, db.options.get("compression_level")))
@@ -322,6 +325,7 @@ def run_backup(
             "verified": {"ok": True, "at": store.iso(store.utcnow()), "checks": ["sha256"] + checks},
             "engine_meta": meta,
             **captured,
+            **extra_fields,
             "seconds": {"dump_and_verify": round(dumped - started, 3)},
             "destinations": {},
         }
@@ -329,15 +333,18 @@ def run_backup(
         store.write_atomic(backup.sha256_path, store.sha256_line(result.sha256, p.path.name).encode())
         backup.save()
         tmp.rename(p.path)
+        engine.finish_backup(db, p.path)
         store.fsync_dir(directory)
     except OSError as exc:  # a full disk, a read-only tier directory: this database fails in one line
         tmp.unlink(missing_ok=True)
+        engine.abort_backup(db)
         if not p.path.exists():  # sidecars written before the disk filled up belong to no backup
             store.sha256_path(p.path).unlink(missing_ok=True)
             store.record_path(p.path).unlink(missing_ok=True)
         raise store_failure(exc, directory) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
+        engine.abort_backup(db)
         raise
     log.info(
         "%s: verified backup %s (%s, %s %s, %.1fs)",

@@ -24,6 +24,9 @@ TIERS = ("daily", "weekly", "monthly")
 DEFAULT_RETENTION = {"daily": 7, "weekly": 30, "monthly": 90}
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
+#: zstd level for buckets: media is compressed already, so the fastest level (see docs/buckets.md)
+BUCKET_COMPRESSION_LEVEL = 1
+
 # The old shell scripts' environment variables, applied on top of backup.yml.
 ENGINE_CONTAINER_ENV = {"postgres": "POSTGRES_CONTAINER", "mongodb": "MONGO_CONTAINER"}
 
@@ -92,6 +95,8 @@ class Spec:
         """Environment variables backup.yml names as holding secrets: every database's
         ``password_env``, ``encryption.passphrase_env`` and every destination's ``*_env`` key."""
         names = {db.password_env for db in self.databases.values() if db.password_env}
+        for db in self.databases.values():  # e.g. a bucket source's access_key_env/secret_key_env
+            names.update(v for k, v in db.options.items() if k.endswith("_env") and isinstance(v, str))
         if self.encryption.get("passphrase_env"):
             names.add(self.encryption["passphrase_env"])
         for block in self.destinations:  # e.g. an S3 destination's access_key_env/secret_key_env
@@ -286,7 +291,7 @@ def _apply_env_overrides(data: dict, env: Mapping[str, str]) -> None:
     if not isinstance(databases, dict):
         return
     for db in databases.values():
-        if not isinstance(db, dict):
+        if not isinstance(db, dict) or db.get("engine") == "s3":  # the old variables name databases
             continue
         if env.get("DB_NAME"):
             db["database"] = env["DB_NAME"]
@@ -332,6 +337,10 @@ def load_spec(config_path: str | os.PathLike | None = None, environ: Mapping[str
     retention = _retention(data.get("retention"), DEFAULT_RETENTION)
     databases = {}
     for name, db in data["databases"].items():
+        if db["engine"] == "s3":  # a bucket: its name stands where a database's would
+            db = {"compression_level": BUCKET_COMPRESSION_LEVEL, **db, "database": db["bucket"]}
+            if db.get("ca_bundle"):
+                db["ca_bundle"] = str(path.parent / os.path.expanduser(db["ca_bundle"]))
         databases[name] = DatabaseSpec(
             name=name,
             engine=db["engine"],

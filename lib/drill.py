@@ -67,8 +67,9 @@ def locate(spec: Spec, db: DatabaseSpec, source: str | None, work: Path | None) 
 
 
 def throwaway_name(db: DatabaseSpec) -> str:
-    """'<database>_drill_<UTC time>', short enough for the engine's own temp suffixes."""
-    return f"{db.database[:24]}_drill_{store.utcnow().strftime('%Y%m%d_%H%M%S')}"
+    """'<database>_drill_<UTC time>', short enough for the engine's own temp suffixes (the
+    engine decides: a bucket name has no '_')."""
+    return get_engine(db.engine).throwaway_name(db, store.utcnow().strftime("%Y%m%d_%H%M%S"))
 
 
 def supports_drills(engine: Engine) -> bool:
@@ -144,12 +145,14 @@ def drill_one(
     history.record_drill(spec.backup_dir, db.name, result)
     if result["ok"]:
         log.info(
-            "%s: drill PASSED: %s restored in %.1fs, %s tables / %s rows match the record; dropped %s",
+            "%s: drill PASSED: %s restored in %.1fs, %s %s / %s %s match the record; dropped %s",
             db.name,
             result["file"],
             result["restore_seconds"] or 0,
             result["tables"],
+            engine.units[0],
             result["rows"],
+            engine.units[1],
             target,
         )
     elif dropped:

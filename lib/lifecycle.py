@@ -94,7 +94,7 @@ def _removable_files(spec: Spec, db: DatabaseSpec) -> list[Path]:
 
 def _orphan_sidecar(path: Path) -> bool:
     """A ``backup_*.json``/``.sha256`` whose backup file is missing (a killed backup or delete)."""
-    for suffix in (".json", ".sha256"):
+    for suffix in (".manifest.json", ".json", ".sha256"):
         if path.name.endswith(suffix):
             stem = path.name[: -len(suffix)]
             return bool(store.NAME_RE.match(stem)) and not path.with_name(stem).exists()

@@ -231,15 +231,26 @@ def fetched(spec: Spec, db: DatabaseSpec, dest_name: str, file_arg: str) -> Iter
 
 def fetch_into(spec: Spec, db: DatabaseSpec, dest_name: str, file_arg: str, work: Path) -> tuple[Path, RemoteBackup]:
     """Download ``file_arg`` ('latest' or a file name) of ``db`` from ``dest_name`` with its sidecars
-    into ``work`` and check size and sha256. Returns (local path, remote backup)."""
+    into ``work`` and check size and sha256. Returns (local path, remote backup). An incremental
+    backup (a bucket's) comes with every backup of its chain, into the same directory."""
     with destinations.get(spec, dest_name) as dest:
         listing = retrying(dest, functools.partial(dest.list, db.name), "listing")
-        remote = choose(listing.backups, file_arg, dest.name)
-        log.info("%s: downloading %s/%s/%s", dest.name, db.name, remote.tier, remote.file)
-        path = retrying(dest, functools.partial(dest.fetch, remote, work), f"download of {remote.file}")
-    check_fetched(remote, path)
-    log.info("%s: downloaded %s (%s), sha256 matches", dest.name, remote.file, store.human_size(remote.size))
-    return path, remote
+        first = remote = choose(listing.backups, file_arg, dest.name)
+        first_path: Path | None = None
+        while True:
+            log.info("%s: downloading %s/%s/%s", dest.name, db.name, remote.tier, remote.file)
+            path = retrying(dest, functools.partial(dest.fetch, remote, work), f"download of {remote.file}")
+            check_fetched(remote, path)
+            log.info("%s: downloaded %s (%s), sha256 matches", dest.name, remote.file, store.human_size(remote.size))
+            first_path = first_path or path
+            parent = store.depends_on(remote.record)
+            if parent is None:
+                break
+            remote = choose(listing.backups, parent[1], dest.name)
+            if (work / remote.file).exists():
+                raise InputError(f"destination '{dest.name}': the chain of {first.file} loops at {remote.file}")
+    assert first_path is not None
+    return first_path, first
 
 
 def fetch_latest(spec: Spec, dest_name: str, db_name: str, workdir: Path) -> Path:

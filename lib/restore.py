@@ -93,6 +93,17 @@ def check_target(spec: Spec, db: DatabaseSpec, into: str | None, force: bool = F
         return
     if not into.strip():
         raise InputError("--into needs a database name")
+    if db.engine == "s3":  # BUCKET[/PREFIX]: the engine checks the bucket name before anything is touched
+        from lib.engines.s3 import split_target
+
+        bucket, _ = split_target(into)
+        for other in spec.databases.values():
+            if other.name != db.name and other.engine == "s3" and other.options.get("bucket") == bucket and not force:
+                raise InputError(
+                    f"--into {into}: bucket '{bucket}' is the one backup.yml configures as '{other.name}'; restore it "
+                    f"with --db {other.name}, or {FORCE_HINT}"
+                )
+        return
     if len(into.encode()) > MAX_NAME_BYTES:
         raise InputError(
             f"--into {into}: the name is {len(into.encode())} bytes; database names have at most "
@@ -146,6 +157,7 @@ def restore(
     no_privileges: bool = False,
     create_roles: bool = False,
     force_target: bool = False,
+    delete_extra: bool = False,
 ) -> dict[str, Any]:
     """Restore ``file_arg`` ('latest' or a path) of the chosen database.
 
@@ -159,8 +171,11 @@ def restore(
     ``create_roles`` creates the roles it needs instead (drills into a throwaway cluster).
     Raises InputError for bad input (see check_target and check_owner; ``force_target`` allows
     what they refuse), RunFailed/VerificationFailed
-    when the restore or its checks fail (the target is then left as it was).
+    when the restore or its checks fail (the target is then left as it was). ``delete_extra``:
+    buckets only, delete the target's objects that the backup does not hold.
     """
+    if delete_extra and engine != "s3":
+        raise InputError("--delete-extra is for bucket restores (--engine s3); drop it")
     db = pick_database(spec, engine, db_name)
     check_target(spec, db, into, force_target)
     if from_dest:
@@ -180,6 +195,7 @@ def restore(
                 no_privileges,
                 create_roles,
                 force_target,
+                delete_extra,
             )
         summary["file"] = f"{from_dest}:{remote.path}"
         return summary
@@ -218,6 +234,10 @@ def restore(
         no_owner=no_owner,
         no_privileges=no_privileges,
         create_roles=create_roles,
+        delete_extra=delete_extra,
+        verify_file=lambda other, other_record: verify_file(spec, db, other, other_record, place, decrypt=True),
+        decode_file=lambda other, other_record: decode_stages(spec, other, other_record),
+        backup_dir=spec.backup_dir,
     )
     question = f"Restore {path.name} into database '{target}'{engine_impl.replace_note(drop_previous)}?"
     if not store.sha256_path(path).exists():
@@ -243,6 +263,7 @@ def restore(
         with watch_reads(path, f"{db.name}: verify"):
             checks = verify_file(spec, db, path, record, place, decrypt=True)
         log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
+        question = engine_impl.prepare_restore(request) or question
         if confirm is not None and not confirm(question):
             raise InputError("restore cancelled; nothing was touched")
         with watch_reads(path, f"{db.name}: restore"):

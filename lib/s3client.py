@@ -69,8 +69,10 @@ class S3Connection:
         refused: type[ToolError],
         timeout: float = 30,
         pool_size: int = 10,
+        policy: str = "the policy in README (Off-site copies, S3)",
     ) -> None:
         self.block, self.spec, self.owner = block, spec, owner
+        self.policy = policy
         self.transient, self.refused = transient, refused
         self.timeout, self.pool_size = timeout, pool_size
         self.bucket: str = block["bucket"]
@@ -191,8 +193,7 @@ class S3Connection:
                 ) from None
             if code in ("AccessDenied", "403", "AllAccessDisabled"):
                 raise self.refused(
-                    f"{self.owner}: access denied for {what} on {where}; give the tool's user "
-                    f"the policy in README (Off-site copies, S3)"
+                    f"{self.owner}: access denied for {what} on {where}; give the tool's user {self.policy}"
                 ) from None
             if code in REGION_CODES:
                 raise self.refused(

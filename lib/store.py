@@ -221,6 +221,60 @@ def sha256_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def manifest_path(path: Path) -> Path:
+    """The plain copy of a bucket backup's manifest kept beside it (local only; lib/engines/s3.py)."""
+    return path.with_name(path.name + ".manifest.json")
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a (small) file's content."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def depends_on(record: dict[str, Any]) -> tuple[str, str] | None:
+    """(tier, file) of the backup an incremental backup's record says it builds on, else None."""
+    chain = record.get("chain")
+    if not isinstance(chain, dict) or chain.get("kind") != "incremental":
+        return None
+    parent = chain.get("parent")
+    if (
+        not isinstance(parent, dict)
+        or not isinstance(parent.get("tier"), str)
+        or not isinstance(parent.get("file"), str)
+    ):
+        return None
+    return parent["tier"], parent["file"]
+
+
+def chain_of(backup: Any, backups: Iterable[Any]) -> list[Any] | None:
+    """The backups ``backup`` needs to be restored, the full one first and ``backup`` last
+    (just ``[backup]`` for a backup that is no incremental); None when one is missing among
+    ``backups`` (local Backups or a destination's RemoteBackups)."""
+    index = {(b.record.get("tier"), b.record.get("file")): b for b in backups}
+    chain = [backup]
+    while (parent := depends_on(chain[-1].record)) is not None:
+        found = index.get(parent)
+        if found is None or found in chain:
+            return None
+        chain.append(found)
+    return list(reversed(chain))
+
+
+def chain_text(record: dict[str, Any]) -> str:
+    """For listings: '' for a backup outside chains, '; full' or '; incremental on <tier>/<file>'."""
+    chain = record.get("chain")
+    if not isinstance(chain, dict):
+        return ""
+    parent = depends_on(record)
+    return f"; incremental on {parent[0]}/{parent[1]}" if parent else f"; {chain.get('kind', 'full')}"
+
+
 def backup_filename(moment: datetime, suffix: str) -> str:
     """File name in the old scripts' format (local time): backup_YYYYMMDD_HHMMSS<suffix>."""
     return f"backup_{moment.astimezone().strftime('%Y%m%d_%H%M%S')}{suffix}"
@@ -448,12 +502,24 @@ def plan_retention(backups: Iterable[Backup], keep_days: dict[str, int], now: da
         for backup in items:
             if backup is not keeper and backup.created < cutoff:
                 doomed.append(backup)
-    return sorted(doomed, key=lambda b: b.created)
+    # chains: a backup that a kept incremental builds on (directly or further down) is kept
+    everything = [b for items in by_tier.values() for b in items]
+    index = {(b.record.get("tier"), b.record.get("file")): b for b in everything}
+    doomed_ids = {id(b) for b in doomed}
+    for backup in everything:
+        if id(backup) in doomed_ids:
+            continue
+        parent = depends_on(backup.record)
+        while parent is not None and parent in index:
+            needed = index[parent]
+            doomed_ids.discard(id(needed))
+            parent = depends_on(needed.record)
+    return sorted((b for b in doomed if id(b) in doomed_ids), key=lambda b: b.created)
 
 
 def delete(backup: Backup) -> None:
     """Remove a backup and its sidecars (the record last, so a crash leaves it findable)."""
-    for path in (backup.path, backup.sha256_path, backup.record_path):
+    for path in (backup.path, manifest_path(backup.path), backup.sha256_path, backup.record_path):
         try:
             path.unlink()
         except FileNotFoundError:

@@ -57,7 +57,16 @@ def verify_stored(spec: Spec, file: str | None, names: list[str] | None, log: lo
             raise InputError(f"--file {file}: no such file; pass an existing backup file")
         backup = store.load(path.resolve())
         db = database_for_file(spec, path, backup.record if backup else None)
-        return 0 if verify_one(spec, db, path.resolve(), backup, log) else 1
+        failed = 0 if verify_one(spec, db, path.resolve(), backup, log) else 1
+        if backup is not None and store.depends_on(backup.record):  # an incremental: its whole chain
+            stored = store.list_backups(spec.backup_dir, db.name)
+            mine = next((b for b in stored if b.path == path.resolve()), backup)
+            chain = store.chain_of(mine, [*stored, mine])
+            if chain is None:
+                return failed + _broken_chain(db, backup, log)
+            for other in chain[:-1]:
+                failed += 0 if verify_one(spec, db, other.path, other, log) else 1
+        return failed
     failed = 0
     for db in spec.select(names):
         backups = store.list_backups(spec.backup_dir, db.name)
@@ -65,4 +74,20 @@ def verify_stored(spec: Spec, file: str | None, names: list[str] | None, log: lo
             log.warning("%s: no backups to verify", db.name)
         for backup in backups:
             failed += 0 if verify_one(spec, db, backup.path, backup, log) else 1
+            if store.depends_on(backup.record) and store.chain_of(backup, backups) is None:
+                failed += _broken_chain(db, backup, log)
     return failed
+
+
+def _broken_chain(db: DatabaseSpec, backup: store.Backup, log: logging.Logger) -> int:
+    """Log that an incremental's chain misses a backup; 1 (a failure)."""
+    tier, name = store.depends_on(backup.record) or ("?", "?")
+    log.error(
+        "%s: %s builds on a chain that misses a backup (%s/%s or one before it); it cannot be restored: "
+        "restore an older backup, and make a full one (invoke backup --tier monthly)",
+        db.name,
+        backup.path.name,
+        tier,
+        name,
+    )
+    return 1

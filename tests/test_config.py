@@ -95,7 +95,7 @@ retention:
     err = result.stderr
     assert "At 'databases.postgres.retention.daily.keep_days': -1 is less than the minimum of 0" in err
     assert "At 'databases.postgres': Additional properties are not allowed ('colour' was unexpected)" in err
-    assert "At 'databases.mysql.engine': 'mysql' is not one of ['postgres', 'mongodb']" in err
+    assert "At 'databases.mysql.engine': 'mysql' is not one of ['postgres', 'mongodb', 's3']" in err
     assert "At 'retention.weekly'" in err
     assert "Traceback" not in err
 

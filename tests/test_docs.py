@@ -73,7 +73,10 @@ def test_the_tasks_reference_shows_each_flag_help_and_survives_being_generated_t
     text = docs.tasks_reference()
     assert text == docs.tasks_reference()  # Invoke pops help texts while listing arguments; they must stay
     restore = text.split("\n## restore\n", 1)[1].split("\n## ", 1)[0]
-    assert "| `--into DATABASE` | Restore into this database instead, leaving the configured one alone. |" in restore
+    assert (
+        "| `--into DATABASE` | Restore into this database instead, leaving the configured one alone "
+        "(s3: BUCKET or BUCKET/PREFIX, created when missing). |" in restore
+    )
     assert "| `--from DEST` |" in restore
     assert "| `--db NAME` | Back up this database (the name under 'databases:'); repeatable. |" in text
 
@@ -129,7 +132,11 @@ def config_with(path: str, condition: str, value):
     """A minimal valid backup.yml with ``value`` put at the documented ``path`` (``<name>`` is one
     database, ``[]`` one destination, of the engine or type the condition names)."""
     wants = dict(re.findall(r"(engine|type): (\w[\w-]*)", condition))
-    data = {"version": 1, "databases": {"pg": {"engine": wants.get("engine", "postgres"), "database": "lemon_korean"}}}
+    engine = wants.get("engine", "postgres")
+    base = (
+        {"engine": "s3", "bucket": "lemon-media"} if engine == "s3" else {"engine": engine, "database": "lemon_korean"}
+    )
+    data = {"version": 1, "databases": {"pg": base}}
     parts = path.replace("[]", ".[]").split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
@@ -153,6 +160,9 @@ def config_with(path: str, condition: str, value):
         node.setdefault("known_hosts", "kh")
     if last == "target" and ":" in value:  # rsync over ssh needs its ssh block
         node["ssh"] = {"identity_file": "k", "known_hosts": "kh"}
+    if engine == "s3" and any(key in base for key in ("access_key_env", "secret_key_env", "session_token_env")):
+        base.setdefault("access_key_env", "S3_ACCESS_KEY_ID")
+        base.setdefault("secret_key_env", "S3_SECRET_ACCESS_KEY")
     if wants.get("type") == "s3":  # keys that only come together
         dest = data["destinations"][0]
         if any(key in dest for key in ("access_key_env", "secret_key_env", "session_token_env")):

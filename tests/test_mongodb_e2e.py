@@ -505,7 +505,7 @@ def test_drill_restores_counts_and_drops_its_throwaway(mongo, container):
     result = mongo.ws.invoke("drill")
     assert result.returncode == 0, result.stderr
     assert "1 of 1 database(s) proven restorable" in result.stdout
-    assert "3 tables / 37 rows match the record" in result.stderr
+    assert "3 collections / 37 documents match the record" in result.stderr
     state = mongo.state()
     assert not [name for name in state if "_drill_" in name]  # the throwaway was dropped
     assert counts(state) == counts(INITIAL) and state["other"] == INITIAL["other"]  # nothing else touched

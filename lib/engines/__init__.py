@@ -34,7 +34,10 @@ def engine_for_file(name: str) -> str | None:
 
 
 def _load_all() -> None:
-    from lib.engines import postgres  # noqa: F401
+    from lib.engines import (
+        postgres,  # noqa: F401
+        s3,  # noqa: F401
+    )
 
     try:
         from lib.engines import mongodb  # noqa: F401

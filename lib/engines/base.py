@@ -58,6 +58,16 @@ class RestoreRequest:
     #: create the roles the backup needs that the server lacks (NOLOGIN), instead of refusing:
     #: for drills into a throwaway cluster, which has no roles of its own
     create_roles: bool = False
+    #: buckets (engine s3): delete objects of the target that the backup does not hold
+    delete_extra: bool = False
+    #: for engines whose backups form chains (s3 incrementals): ``verify_file(path, record)``
+    #: verifies another file of the chain (decrypting it; returns the checks), ``decode_file``
+    #: returns its decode stages; ``backup_dir`` is where the chain's files are looked for
+    verify_file: Callable[..., list[str]] | None = None
+    decode_file: Callable[..., list[Stage]] | None = None
+    backup_dir: Path | None = None
+    #: what ``Engine.prepare_restore`` found and decided, for ``Engine.restore``
+    plan: Any = None
 
     @property
     def source_is_raw(self) -> bool:
@@ -111,6 +121,20 @@ class Engine:
         Default: none."""
         return {}
 
+    def begin_backup(
+        self, spec: Any, db: DatabaseSpec, tier: str, path: Path, tmp: Path
+    ) -> tuple[DatabaseSpec, dict[str, Any]]:
+        """Called by the backup road before the dump of ``path`` (written at ``tmp``): the
+        database spec to dump with (e.g. options saying full or incremental) and fields for the
+        record (e.g. ``chain``). Default: unchanged, none."""
+        return db, {}
+
+    def finish_backup(self, db: DatabaseSpec, path: Path) -> None:
+        """Called once the backup is stored under ``path`` (db as begin_backup returned it)."""
+
+    def abort_backup(self, db: DatabaseSpec) -> None:
+        """Called when the backup failed or was interrupted: remove what begin_backup prepared."""
+
     def dump_stages(self, db: DatabaseSpec, place: Place) -> list[Stage]:
         """Stages producing the raw dump on stdout."""
         raise NotImplementedError
@@ -128,6 +152,10 @@ class Engine:
         """Judge the summary: raise VerificationFailed if the dump is incomplete; else return the
         metadata to record (e.g. per-table row counts)."""
         raise NotImplementedError
+
+    def check_record(self, meta: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        """Compare what a re-read found (``meta`` from check_summary) with the backup's record;
+        raise VerificationFailed on a difference. Default: nothing to compare."""
 
     def record_fields(self, db: DatabaseSpec) -> dict[str, Any]:
         """Engine-specific fields of a backup's record (merged into it by the backup road), e.g.
@@ -148,6 +176,16 @@ class Engine:
         """What happens to the current target database, appended to the restore confirmation
         question, e.g. ' (the current one is kept as a *_pre_restore_* copy)'."""
         return ""
+
+    def prepare_restore(self, request: RestoreRequest) -> str | None:
+        """For engines that restore in place (not ``loads_into_scratch``): called after the file
+        verified and before the confirmation; may verify more (a chain), look at the target and
+        return the question saying what the restore will do (None: the generic question)."""
+        return None
+
+    def throwaway_name(self, db: DatabaseSpec, stamp: str) -> str:
+        """The drill's throwaway target for a UTC ``stamp`` (YYYYmmdd_HHMMSS)."""
+        return f"{db.database[:24]}_drill_{stamp}"
 
     def restore(self, request: RestoreRequest) -> dict[str, Any]:
         """Restore safely (never leaving the target destroyed on failure). Returns a summary with
