@@ -10,7 +10,7 @@ from lib.backup import plan
 from lib.backup import prune as prune_db
 from lib.cli import confirm_on_terminal, guarded, parse_tier, spec_and_log
 from lib.config import load_spec
-from lib.errors import InputError
+from lib.errors import InputError, ToolError
 from lib.log import get as get_log
 from lib.ops import after_prune, locked, run_backups
 from lib.restore import restore as restore_db
@@ -68,6 +68,10 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
         "for a server that lacks the backup's roles; as pg_restore --no-owner.",
         "no_privileges": "Leave out GRANT/REVOKE and default privileges (and the database's own), for a server "
         "that lacks the roles they name; as pg_restore --no-privileges.",
+        "to_time": "postgres with wal enabled: restore the database as it was at this time, e.g. "
+        "'2026-12-01 10:42:00+09:00' (no offset: this host's time), from the newest base backup before it plus "
+        "the archived WAL, replayed in a throwaway cluster (docs/pitr.md).",
+        "to_latest": "postgres with wal enabled: as --to-time, to the newest point the WAL archive holds.",
     },
 )
 @guarded
@@ -86,8 +90,28 @@ def restore(
     config=None,
     no_owner=False,
     no_privileges=False,
+    to_time=None,
+    to_latest=False,
 ):
     """Verify a backup, then restore it safely: into a new database, checked, then swapped in."""
+    if to_time or to_latest:
+        return restore_point(
+            engine,
+            file,
+            db,
+            into,
+            yes,
+            drop_previous,
+            all,
+            from_,
+            wait,
+            config,
+            to_time,
+            to_latest,
+            no_owner,
+            no_privileges,
+            force_target,
+        )
     if all:
         return restore_latest(engine, file, db, into, yes, drop_previous, all, from_, wait, config)
     if not engine or not file:
@@ -218,6 +242,129 @@ def demo(c, keep=False):
 # -- operations: status, drills, disaster recovery, scheduling ---------------------------------
 
 
+def restore_point(
+    engine,
+    file,
+    db,
+    into,
+    yes,
+    drop_previous,
+    all,
+    from_,
+    wait,
+    config,
+    to_time,
+    to_latest,
+    no_owner,
+    no_privileges,
+    force_target,
+):
+    """restore --to-time / --to-latest: a point in time from base backups + archived WAL (lib/pitr.py)."""
+    from lib import pitr, wal
+
+    if to_time and to_latest:
+        raise InputError("pass --to-time TIME or --to-latest, not both")
+    if file or all or from_:
+        raise InputError("--to-time/--to-latest restore from the WAL archive; drop --file, --all and --from")
+    if engine not in (None, "postgres"):
+        raise InputError("--to-time/--to-latest are for --engine postgres")
+    target = pitr.parse_target(to_time) if to_time else None
+    spec = spec_and_log(config)
+    item = wal.require_enabled(spec, db)
+    ask = confirm_on_terminal(yes)
+    with locked(spec, f"restore {item.name} to a point in time", wait):
+        summary = pitr.restore_to_point(
+            spec,
+            item,
+            target,
+            into=into,
+            drop_previous=drop_previous,
+            confirm=ask,
+            no_owner=no_owner,
+            no_privileges=no_privileges,
+            force_target=force_target,
+        )
+    print(f"replayed {summary['plan']}")
+    point = summary["recovery_point"] or "the base backup itself (no transaction after it)"
+    print(f"recovery point reached: {point} (last replayed commit)")
+    print(
+        f"restored {item.name} into {summary['target']}"
+        + (f"; previous database kept as {summary['previous']}" if summary.get("previous") else "")
+    )
+
+
+def drill_wal(db, from_, local_server, config):
+    """drill --to-latest: base backup + WAL replayed in a throwaway cluster (lib/pitr.py)."""
+    from lib import pitr, wal
+
+    if from_ or local_server:
+        raise InputError("--to-latest replays the local WAL archive in a throwaway cluster; drop --from/--local-server")
+    spec = spec_and_log(config)
+    names = db or [d.name for d in spec.databases.values() if wal.enabled(d)]
+    if not names:
+        raise InputError("no database has 'wal: {enabled: true}'; nothing to drill with --to-latest")
+    failed = []
+    for name in names:
+        item = wal.require_enabled(spec, name)
+        try:
+            report = pitr.drill_to_latest(spec, item)
+        except ToolError as exc:
+            failed.append(f"{name}: {exc}")
+            continue
+        print(
+            f"{name}: OK: {report['plan']}; recovered to {report['recovery_point'] or 'the base backup'}; "
+            f"{report['tables']} table(s), {report['rows']} row(s) ({report['seconds']}s)"
+        )
+    if failed:
+        raise Exit("FAILED: " + "; ".join(failed), code=1)
+
+
+@task(
+    name="wal-receive",
+    help={
+        "db": "The database (name under 'databases:') whose WAL to archive; default: the only one with wal enabled.",
+        "once": "Receive up to the server's current WAL position, archive it, store the partial segment and exit "
+        "(for tests, cron, or a catch-up); without it the receiver runs until SIGTERM.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def wal_receive(c, db=None, once=False, config=None):
+    """Stream WAL with pg_receivewal (its own replication slot) and archive each completed segment: compressed, encrypted, verified."""
+    from lib import wal
+
+    spec = spec_and_log(config)
+    item = wal.require_enabled(spec, db)
+    result = wal.receive(spec, item, once=once)
+    stored = result["stored"]
+    print(
+        f"{item.name}: archived {len(stored)} WAL segment(s)"
+        + (f" ({stored[0]} .. {stored[-1]})" if stored else "")
+        + (f"; partial segment {result['partial']} stored" if result["partial"] else "")
+        + (f"; stopped by {result['stopped_by']}" if result["stopped_by"] else "")
+    )
+
+
+@task(
+    name="wal-base",
+    help={
+        "db": "The database (name under 'databases:'); default: the only one with wal enabled.",
+        "wait": WAIT_HELP,
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def wal_base(c, db=None, wait=None, config=None):
+    """Take a verified base backup (pg_basebackup) for point-in-time recovery, then prune old base backups and the WAL only they needed."""
+    from lib import wal
+
+    spec = spec_and_log(config)
+    item = wal.require_enabled(spec, db)
+    with locked(spec, f"wal-base {item.name}", wait):
+        record = wal.base_backup(spec, item)
+    print(f"{item.name}: base backup {record['file']} verified (starts at WAL segment {record['start_segment']})")
+
+
 def restore_latest(engine, file, db, into, yes, drop_previous, all, from_, wait, config):
     """restore --all (every database) or --from DEST (one database): the newest verified backup."""
     from lib.drill import fetcher
@@ -307,15 +454,19 @@ def doctor(c, db=None, wait=None, config=None):
         "db": "Drill only this database; repeatable (default: every database).",
         "from_": "Fetch the newest verified backup from this off-site destination instead of using the local one.",
         "local_server": "PostgreSQL: restore into a throwaway cluster started on this host (initdb), not the live server.",
+        "to_latest": "PostgreSQL with wal enabled: prove the newest base backup plus the archived WAL replay to the "
+        "archive's end in a throwaway cluster and dump the database from it (no server is touched).",
         "wait": WAIT_HELP,
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def drill(c, db=None, from_=None, local_server=False, wait=None, config=None):
+def drill(c, db=None, from_=None, local_server=False, to_latest=False, wait=None, config=None):
     """Prove restorability: restore the newest verified backup into a throwaway database, compare row counts, drop it."""
     from lib.drill import run_drills, summary
 
+    if to_latest:
+        return drill_wal(db, from_, local_server, config)
     spec = spec_and_log(config)
     databases = spec.select(db)
     with locked(spec, "drill", wait, tidy=not local_server):  # --local-server: the live server is not used

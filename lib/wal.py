@@ -1,0 +1,732 @@
+"""Continuous WAL archiving for a PostgreSQL database (``wal: {enabled: true}`` in backup.yml):
+preflight of the server, the replication slot, ``pg_receivewal`` into a staging directory, each
+completed segment compressed, encrypted, verified and stored under ``<backup_dir>/<name>/wal/``,
+base backups (``pg_basebackup`` tar stream, same pipeline) and their retention, and the archive's
+coverage (gaps) for a restore to a point in time (lib/pitr.py).
+
+Layout under ``<backup_dir>/<name>/wal/``:
+  staging/                    pg_receivewal's directory (completed segments leave it at once;
+                              the ``.partial`` segment stays until it completes)
+  archive/<SEGMENT><sfx>      a completed segment, compressed (and encrypted), with <...>.json
+  archive/<SEGMENT>.partial<sfx>  the newest snapshot of the unfinished segment (for --to-latest)
+  base/base_<time>.tar<sfx>   a verified base backup, with its .json record and .sha256 sidecar
+  receiver.json               the running receiver's heartbeat (status alerts when it is stale)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from lib import compress, crypto, store
+from lib.config import DatabaseSpec, Spec
+from lib.engines.postgres import quote_literal
+from lib.errors import EnvironmentProblem, InputError, RunFailed, VerificationFailed
+from lib.exec import child_env, dying_with_tool, require_binary, tail_text
+from lib.stream import FileSink, HashSink, Stage, Tap, run_pipeline, run_tapped, sha256_file
+
+log = logging.getLogger("backup")
+
+SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
+RECORD_FORMAT = 1
+ONCE_TIMEOUT = 300
+DEFAULTS = {
+    "synchronous": False,
+    "base_keep_days": 14,
+    "alert_after_seconds": 900,
+    "alert_lag_mb": 1024,
+    "partial_snapshot_seconds": 60,
+}
+
+
+# -- configuration ----------------------------------------------------------------------------------
+def settings(db: DatabaseSpec) -> dict[str, Any]:
+    """The database's ``wal`` block with defaults filled in (empty dict when not configured)."""
+    block = db.options.get("wal") or {}
+    if not block:
+        return {}
+    merged = {**DEFAULTS, **block}
+    merged.setdefault("slot", default_slot(db.name))
+    return merged
+
+
+def enabled(db: DatabaseSpec) -> bool:
+    return db.engine == "postgres" and bool(settings(db).get("enabled"))
+
+
+def default_slot(name: str) -> str:
+    """lemon_backup_<name>, lowercased, other characters as '_' (slot names allow [a-z0-9_])."""
+    return ("lemon_backup_" + re.sub(r"[^a-z0-9_]", "_", name.lower()))[:63]
+
+
+def require_enabled(spec: Spec, name: str | None) -> DatabaseSpec:
+    """The configured postgres database ``name`` (or the only one with wal enabled). Raises InputError."""
+    if name:
+        db = spec.select([name])[0]
+    else:
+        candidates = [d for d in spec.databases.values() if enabled(d)]
+        if not candidates:
+            raise InputError(
+                f"no database in {spec.config_path} has 'wal: {{enabled: true}}'; add it to a postgres database "
+                "(see docs/pitr.md)"
+            )
+        if len(candidates) != 1:
+            which = ", ".join(d.name for d in candidates) or "none"
+            raise InputError(f"say which database with --db NAME (databases with wal enabled: {which})")
+        db = candidates[0]
+    if db.engine != "postgres":
+        raise InputError(f"database '{db.name}' uses engine {db.engine}; WAL archiving is for postgres only")
+    if not enabled(db):
+        raise InputError(
+            f"database '{db.name}' has no 'wal: {{enabled: true}}' in {spec.config_path}; add it (see docs/pitr.md)"
+        )
+    return db
+
+
+def wal_dir(spec: Spec, db: DatabaseSpec) -> Path:
+    return spec.backup_dir / db.name / "wal"
+
+
+def archive_dir(spec: Spec, db: DatabaseSpec) -> Path:
+    return wal_dir(spec, db) / "archive"
+
+
+def base_dir(spec: Spec, db: DatabaseSpec) -> Path:
+    return wal_dir(spec, db) / "base"
+
+
+def heartbeat_path(spec: Spec, db: DatabaseSpec) -> Path:
+    return wal_dir(spec, db) / "receiver.json"
+
+
+def compression_kind(db: DatabaseSpec) -> str:
+    return db.options.get("compression", "gzip")
+
+
+def stored_suffix(spec: Spec, db: DatabaseSpec) -> str:
+    return compress.SUFFIX[compression_kind(db)] + crypto.suffix(spec)
+
+
+# -- connections (from this host: pg_receivewal and pg_basebackup write files here) --------------
+@dataclass(frozen=True)
+class Conn:
+    """How the host reaches the server for replication: wal.host/wal.port, else the database's
+    host/port (container mode: the container's published port on 127.0.0.1)."""
+
+    host: str
+    port: int
+    user: str | None
+    dbname: str
+    password: str | None
+
+    def conninfo(self, replication: bool = False, application: str | None = None) -> str:
+        parts = [f"host={self.host}", f"port={self.port}", f"dbname={self.dbname}"]
+        parts += [f"application_name={application}"] if application else []
+        parts += [f"user={self.user}"] if self.user else []
+        parts += ["replication=database"] if replication else []
+        return " ".join(parts)
+
+    def env(self) -> dict[str, str]:
+        extra = {"PGPASSWORD": self.password} if self.password else {}
+        extra["PGCONNECT_TIMEOUT"] = "10"
+        return child_env(extra)
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def connection(spec: Spec, db: DatabaseSpec) -> Conn:
+    """Raises ConfigError when password_env names an unset variable."""
+    wal = settings(db)
+    host = wal.get("host") or (None if db.container else db.host) or "127.0.0.1"
+    port = int(wal.get("port") or db.port or 5432)
+    return Conn(
+        host=host,
+        port=port,
+        user=wal.get("user") or db.user,
+        dbname=db.options.get("maintenance_database", "postgres"),
+        password=db.password(spec.env),
+    )
+
+
+def _pg_tool(name: str) -> str:
+    from lib.localpg import _pg_bin
+
+    return _pg_bin(name)
+
+
+def query(conn: Conn, sql: str, replication: bool = False) -> str:
+    """Run ``sql`` through psql on this host; returns unaligned tuples-only output.
+    Raises EnvironmentProblem carrying the server's message."""
+    argv = ["psql", "-X", "-q", "-A", "-t", "-w", "-v", "ON_ERROR_STOP=1", "-d", conn.conninfo(replication)]
+    require_binary("psql")
+    proc = subprocess.run(dying_with_tool(argv), input=sql.encode(), capture_output=True, env=conn.env(), timeout=60)
+    if proc.returncode != 0:
+        raise EnvironmentProblem(tail_text(proc.stderr) or f"psql exited with status {proc.returncode}")
+    return proc.stdout.decode().strip()
+
+
+PREFLIGHT_SQL = """
+SELECT (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+       current_user, current_setting('wal_level'), current_setting('max_wal_senders'),
+       current_setting('max_replication_slots'),
+       (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'),
+       current_setting('server_version_num'),
+       (SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global'))
+"""
+
+
+@dataclass
+class ServerInfo:
+    user: str
+    segment_size: int
+    version_num: int
+    tablespaces: int
+
+
+def preflight(conn: Conn, db: DatabaseSpec) -> ServerInfo:
+    """Check what streaming WAL needs of the server, all at once, before anything starts: the
+    REPLICATION attribute, wal_level, max_wal_senders, max_replication_slots, and a pg_hba.conf line
+    for replication connections from this host. Raises InputError naming each missing piece and
+    how to add it."""
+    try:
+        row = query(conn, PREFLIGHT_SQL).split("|")
+    except EnvironmentProblem as exc:
+        raise EnvironmentProblem(
+            f"{db.name}: cannot connect to {conn.where} for WAL archiving: {exc}; set wal.host/wal.port "
+            "(container mode: the container's published port) and check the server is up"
+        ) from None
+    can_replicate, user, wal_level, senders, slots, segsize, version, spaces = row
+    problems = []
+    if can_replicate != "t":
+        problems.append(f"role {user} lacks the REPLICATION attribute (as a superuser: ALTER ROLE {user} REPLICATION;)")
+    if wal_level not in ("replica", "logical"):
+        problems.append(f"wal_level is {wal_level} (ALTER SYSTEM SET wal_level = 'replica'; then restart the server)")
+    if int(senders) < 2:
+        problems.append(
+            f"max_wal_senders is {senders}; the receiver and a base backup need 2 (ALTER SYSTEM SET max_wal_senders = 10; then restart)"
+        )
+    if int(slots) < 1:
+        problems.append(f"max_replication_slots is {slots} (ALTER SYSTEM SET max_replication_slots = 10; then restart)")
+    if not problems:
+        try:
+            query(conn, "IDENTIFY_SYSTEM", replication=True)
+        except EnvironmentProblem as exc:
+            text = str(exc)
+            found = re.search(r'no pg_hba\.conf entry for replication connection from host "([^"]+)"', text)
+            if found:
+                problems.append(
+                    f"pg_hba.conf has no replication line for user {user} from {found.group(1)} (add "
+                    f"'host replication {user} {found.group(1)}/32 scram-sha-256' and SELECT pg_reload_conf();)"
+                )
+            else:
+                problems.append(f"a replication connection to {conn.where} fails: {text}")
+    if problems:
+        raise InputError(f"{db.name}: the server is not ready for WAL streaming: " + "; ".join(problems))
+    return ServerInfo(user=user, segment_size=int(segsize), version_num=int(version), tablespaces=int(spaces))
+
+
+def ensure_slot(conn: Conn, slot: str) -> bool:
+    """Create the physical replication slot (reserving WAL from now) when absent. Returns True when
+    it was created."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", slot):
+        raise InputError(f"wal.slot {slot!r}: slot names are 1-63 characters of a-z, 0-9 and _")
+    exists = query(conn, f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = {quote_literal(slot)}")  # noqa: S608
+    if exists != "0":
+        return False
+    query(conn, f"SELECT pg_create_physical_replication_slot({quote_literal(slot)}, true)")
+    log.info("created replication slot %s (it keeps WAL on the server until the receiver has it)", slot)
+    return True
+
+
+def slot_lag_bytes(conn: Conn, slot: str) -> int | None:
+    """WAL the server keeps for the slot: pg_current_wal_lsn() - restart_lsn (None: no slot)."""
+    lag = "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint"
+    sql = f"SELECT {lag} FROM pg_replication_slots WHERE slot_name = {quote_literal(slot)}"  # noqa: S608
+    out = query(conn, sql)
+    return int(out) if out else None
+
+
+# -- segment names --------------------------------------------------------------------------------
+def segment_number(name: str, segment_size: int) -> tuple[int, int]:
+    """(timeline, sequence number) of a segment file name."""
+    match = SEGMENT_RE.match(name)
+    if not match:
+        raise ValueError(name)
+    per_id = 0x100000000 // segment_size
+    return int(match.group(1), 16), int(match.group(2), 16) * per_id + int(match.group(3), 16)
+
+
+def segment_name(timeline: int, number: int, segment_size: int) -> str:
+    per_id = 0x100000000 // segment_size
+    return f"{timeline:08X}{number // per_id:08X}{number % per_id:08X}"
+
+
+# -- archiving one segment ---------------------------------------------------------------------------
+@dataclass
+class Segment:
+    """An archived segment (or the partial snapshot): its stored file and record."""
+
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.record["segment"]
+
+    @property
+    def number(self) -> int:
+        return self.record["number"]
+
+    @property
+    def received(self) -> datetime:
+        return store.parse_iso(self.record["received"])
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.record.get("partial"))
+
+
+def _verify_written(spec: Spec, path: Path, raw_sha256: str, record: Mapping[str, Any], label: str) -> list[str]:
+    """Decode the written file again and compare with the raw segment's sha256 (public-key mode,
+    where no secret key is here: its OpenPGP structure). Raises VerificationFailed."""
+    from lib.backup import decode_stages
+
+    if crypto.mode(spec) == "public-key":
+        return crypto.check_structure(spec, path, name=label)
+    sink = HashSink()
+    result = run_pipeline(decode_stages(spec, path, dict(record)), sink, source=path)
+    cause = result.cause()
+    if cause is not None:
+        crypto.explain_failure(spec, cause, path, name=label)
+        raise VerificationFailed(f"{label} failed verification: {cause.name}: {cause.stderr or 'no message'}")
+    if sink.hash.hexdigest() != raw_sha256:
+        raise VerificationFailed(f"{label} failed verification: decoded bytes differ from the segment received")
+    return (["gpg-decrypt"] if crypto.is_encrypted(path) else []) + [f"{record['compression']}-integrity", "sha256"]
+
+
+def store_segment(spec: Spec, db: DatabaseSpec, source: Path, segment_size: int, partial: bool = False) -> Segment:
+    """Compress, encrypt, verify and store the WAL file ``source`` (a completed segment, or a
+    ``.partial`` one as the partial snapshot). Nothing appears under a final name unless verified."""
+    name = source.name.removesuffix(".partial")
+    timeline, number = segment_number(name, segment_size)
+    directory = store.ensure_dir(archive_dir(spec, db))
+    final = directory / (name + (".partial" if partial else "") + stored_suffix(spec, db))
+    tmp = directory / f"{store.TEMP_PREFIX}{final.name}"
+    tmp.unlink(missing_ok=True)
+    kind = compression_kind(db)
+    raw_sha256 = sha256_file(source)
+    raw_size = source.stat().st_size
+    received = store.utcnow()
+    try:
+        result = run_pipeline(
+            [compress.compressor(kind, db.options.get("compression_level")), *crypto.encrypt_stages(spec)],
+            FileSink(tmp),
+            source=source,
+        )
+        result.raise_for_status(f"{db.name}: WAL segment {name}: ")
+        record = {
+            "format": RECORD_FORMAT,
+            "segment": name,
+            "timeline": timeline,
+            "number": number,
+            "segment_size": segment_size,
+            "partial": partial,
+            "received": store.iso(received),
+            "raw_size": raw_size,
+            "raw_sha256": raw_sha256,
+            "file": final.name,
+            "size": result.size,
+            "sha256": result.sha256,
+            "compression": kind,
+            "encryption": crypto.record(spec),
+        }
+        record["checks"] = _verify_written(spec, tmp, raw_sha256, record, final.name)
+        store.write_atomic(store.record_path(final), json.dumps(record, indent=1).encode())
+        tmp.rename(final)
+        store.fsync_dir(directory)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Segment(final, record)
+
+
+def list_segments(spec: Spec, db: DatabaseSpec) -> tuple[list[Segment], Segment | None]:
+    """(completed segments sorted by number, the partial snapshot or None). Records that cannot be
+    read are skipped with a warning (restore then names the gap)."""
+    directory = archive_dir(spec, db)
+    done: list[Segment] = []
+    partial: Segment | None = None
+    if not directory.is_dir():
+        return done, partial
+    for entry in directory.iterdir():
+        if not entry.name.endswith(".json") or entry.name.startswith(store.TEMP_PREFIX):
+            continue
+        data_file = entry.with_name(entry.name[: -len(".json")])
+        try:
+            record = json.loads(entry.read_bytes())
+        except (OSError, ValueError):
+            log.warning("%s: unreadable WAL record %s; ignored", db.name, entry.name)
+            continue
+        if not data_file.is_file():
+            continue
+        segment = Segment(data_file, record)
+        if segment.partial:
+            if partial is None or segment.number > partial.number:
+                partial = segment
+        else:
+            done.append(segment)
+    done.sort(key=lambda s: (s.record["timeline"], s.number))
+    return done, partial
+
+
+def delete_segment(segment: Segment) -> None:
+    segment.path.unlink(missing_ok=True)
+    store.record_path(segment.path).unlink(missing_ok=True)
+
+
+# -- the receiver ------------------------------------------------------------------------------------
+def _completed(staging: Path) -> list[Path]:
+    return sorted(p for p in staging.iterdir() if SEGMENT_RE.match(p.name) and p.is_file())
+
+
+def archive_completed(spec: Spec, db: DatabaseSpec, staging: Path, segment_size: int) -> list[Segment]:
+    """Store every completed segment waiting in ``staging`` (oldest first) and remove it there;
+    a stale partial snapshot (its segment now complete) is removed."""
+    stored = []
+    done, partial = list_segments(spec, db)
+    have = {(s.record["timeline"], s.number) for s in done}
+    for path in _completed(staging):
+        key = segment_number(path.name, segment_size)
+        if key in have:
+            log.info("%s: WAL segment %s is already archived; dropping the received copy", db.name, path.name)
+        else:
+            stored.append(store_segment(spec, db, path, segment_size))
+            log.info("%s: archived WAL segment %s", db.name, path.name)
+        path.unlink()
+        if partial is not None and partial.number <= key[1]:
+            delete_segment(partial)
+            partial = None
+    return stored
+
+
+def snapshot_partial(spec: Spec, db: DatabaseSpec, staging: Path, segment_size: int) -> Segment | None:
+    """Store the unfinished segment (``.partial``) as the archive's partial snapshot, replacing an
+    older one. Returns it, or None when there is no partial segment."""
+    partials = sorted(p for p in staging.glob("*.partial") if SEGMENT_RE.match(p.name.removesuffix(".partial")))
+    if not partials:
+        return None
+    _, old = list_segments(spec, db)
+    with tempfile.TemporaryDirectory(dir=staging.parent) as work:  # a stable copy: the receiver writes on
+        copy = Path(work) / partials[-1].name
+        shutil.copyfile(partials[-1], copy)
+        snap = store_segment(spec, db, copy, segment_size, partial=True)
+    if old is not None and old.path != snap.path:
+        delete_segment(old)
+    return snap
+
+
+def _flushed(conn: Conn, slot: str, lsn: str) -> bool:
+    """True when the receiver has reported WAL up to ``lsn`` flushed (the slot's restart_lsn)."""
+    sql = f"SELECT restart_lsn >= {quote_literal(lsn)}::pg_lsn FROM pg_replication_slots WHERE slot_name = {quote_literal(slot)}"  # noqa: S608
+    return query(conn, sql) == "t"
+
+
+def write_heartbeat(spec: Spec, db: DatabaseSpec, state: dict[str, Any]) -> None:
+    store.write_atomic(heartbeat_path(spec, db), json.dumps(state, indent=1).encode())
+
+
+def receive(spec: Spec, db: DatabaseSpec, once: bool = False, poll: float = 1.0) -> dict[str, Any]:
+    """Run pg_receivewal for ``db`` and archive each completed segment as it appears. ``once``:
+    receive up to the server's current WAL position, archive, store the partial snapshot and
+    return (for tests and cron). Otherwise run until SIGTERM/SIGINT (or pg_receivewal ends),
+    then do the same. Returns a summary; raises InputError from the preflight, RunFailed when
+    pg_receivewal fails."""
+    wal = settings(db)
+    crypto.preflight(spec)
+    require_binary(compress.compressor(compression_kind(db)).argv[0])
+    conn = connection(spec, db)
+    info = preflight(conn, db)
+    slot = wal["slot"]
+    ensure_slot(conn, slot)
+    staging = store.ensure_dir(wal_dir(spec, db) / "staging")
+    argv = [_pg_tool("pg_receivewal"), "-D", str(staging), "--slot", slot, "-d", conn.conninfo(application=slot)]
+    argv += ["-n", "-w"]
+    argv += ["-s", "1"]
+    if wal.get("synchronous") or once:  # --once: flushed WAL is reported at once (the slot moves)
+        argv.append("--synchronous")
+    end = query(conn, "SELECT pg_current_wal_lsn()") if once else None
+    err = tempfile.TemporaryFile()  # noqa: SIM115
+    proc = subprocess.Popen(dying_with_tool(argv), stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=conn.env())
+    log.info(
+        "%s: receiving WAL from %s (slot %s%s)",
+        db.name,
+        conn.where,
+        slot,
+        ", synchronous" if wal.get("synchronous") else "",
+    )
+    state = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": store.iso(store.utcnow()),
+        "slot": slot,
+        "segment_size": info.segment_size,
+    }
+    stored: list[Segment] = []
+    begun = last_snapshot = time.monotonic()
+    snapshot_every = float(wal.get("partial_snapshot_seconds") or 0)
+    stopped_by: str | None = None
+    try:
+        while True:
+            stored += archive_completed(spec, db, staging, info.segment_size)
+            state["updated"] = store.iso(store.utcnow())
+            if stored:
+                state["last_segment"] = stored[-1].name
+            write_heartbeat(spec, db, state)
+            if proc.poll() is not None:
+                break
+            if end is not None and _flushed(conn, slot, end):
+                break  # --once: the receiver has everything written before it started
+            if end is not None and time.monotonic() - begun > ONCE_TIMEOUT:
+                raise RunFailed(f"{db.name}: --once: the receiver did not reach {end} in {ONCE_TIMEOUT}s")
+            if snapshot_every and not once and time.monotonic() - last_snapshot >= snapshot_every:
+                snapshot_partial(spec, db, staging, info.segment_size)
+                last_snapshot = time.monotonic()
+            time.sleep(min(poll, 0.2) if once else poll)
+    except KeyboardInterrupt as exc:
+        from lib import interrupt
+
+        stopped_by = interrupt.signal_name(exc)
+        log.info("%s: %s: stopping pg_receivewal and archiving what it has", db.name, stopped_by)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # pg_receivewal's clean stop: flushes and closes its file
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    err.seek(0)
+    message = tail_text(err.read())
+    err.close()
+    stored += archive_completed(spec, db, staging, info.segment_size)
+    snap = snapshot_partial(spec, db, staging, info.segment_size)
+    state["updated"] = store.iso(store.utcnow())
+    state["stopped"] = state["updated"]
+    write_heartbeat(spec, db, state)
+    if proc.returncode not in (0, -signal.SIGINT) and stopped_by is None:
+        raise RunFailed(f"{db.name}: pg_receivewal exited with status {proc.returncode}: {message or 'no message'}")
+    return {"stored": [s.name for s in stored], "partial": snap.name if snap else None, "stopped_by": stopped_by}
+
+
+# -- base backups ------------------------------------------------------------------------------------
+#: reads a tar stream on stdin: every member's header and data (a truncated stream fails), requires
+#: what a base backup holds, and prints a JSON summary with backup_label's text
+TAR_CHECK = r"""
+import json, sys, tarfile
+names, label = set(), None
+with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+    for member in tar:
+        names.add(member.name)
+        if member.isfile():
+            handle = tar.extractfile(member)
+            data = handle.read()
+            if len(data) != member.size:
+                sys.exit("truncated member " + member.name)
+            if member.name == "backup_label":
+                label = data.decode("utf-8", "replace")
+sys.stdin.buffer.read()
+missing = [n for n in ("backup_label", "PG_VERSION", "global/pg_control") if n not in names]
+if missing:
+    sys.exit("not a complete base backup: missing " + ", ".join(missing))
+start = [l.split("(file ")[1].rstrip(")") for l in label.splitlines() if l.startswith("START WAL LOCATION")]
+if not start or "pg_wal/" + start[0] not in names:
+    sys.exit("the base backup lacks the WAL segment it starts in (pg_wal/%s)" % (start or ["?"])[0])
+print(json.dumps({"files": len(names), "backup_label": label}))
+"""
+
+
+def parse_label(text: str) -> dict[str, str]:
+    """The fields of backup_label that matter: start_lsn, start_segment, start_time, timeline."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(": ")
+        if key == "START WAL LOCATION":
+            lsn, _, rest = value.partition(" (file ")
+            fields["start_lsn"], fields["start_segment"] = lsn, rest.rstrip(")")
+        elif key == "START TIME":
+            fields["start_time"] = value
+        elif key == "START TIMELINE":
+            fields["timeline"] = value
+    return fields
+
+
+def base_backup(spec: Spec, db: DatabaseSpec) -> dict[str, Any]:
+    """Take a base backup with pg_basebackup (tar to stdout, WAL fetched) through compress ->
+    encrypt -> file, verified in the same pass (tar structure, backup_label, its start segment),
+    stored under wal/base/ with a record; then apply base retention and prune WAL no kept base
+    needs. Returns the record. Raises InputError (preflight) or RunFailed/VerificationFailed."""
+    crypto.preflight(spec)
+    conn = connection(spec, db)
+    info = preflight(conn, db)
+    if info.tablespaces:
+        raise InputError(
+            f"{db.name}: the server has {info.tablespaces} tablespace(s) besides pg_default; base backups here "
+            "stream one tar file and support only the default tablespace"
+        )
+    local = local_major()
+    if info.version_num // 10000 != local:
+        raise EnvironmentProblem(
+            f"{db.name}: the server runs PostgreSQL {info.version_num // 10000} but this host has {local}; a "
+            f"restore to a point in time replays on this host: install postgresql-{info.version_num // 10000}"
+        )
+    kind = compression_kind(db)
+    started = store.utcnow()
+    directory = store.ensure_dir(base_dir(spec, db))
+    final = directory / f"base_{started.astimezone():%Y%m%d_%H%M%S}.tar{stored_suffix(spec, db)}"
+    tmp = directory / f"{store.TEMP_PREFIX}{final.name}"
+    tmp.unlink(missing_ok=True)
+    argv = [_pg_tool("pg_basebackup"), "-D", "-", "-Ft", "-X", "fetch", "--checkpoint=fast", "-w"]
+    argv += ["-d", conn.conninfo(), "-l", f"lemon-backup {db.name}"]
+    stages = [
+        Stage("pg_basebackup", argv, env=conn.env()),
+        compress.compressor(kind, db.options.get("compression_level")),
+    ]
+    check = [compress.decompressor(kind), Stage("tar check", [sys.executable, "-c", TAR_CHECK])]
+    encrypt = crypto.encrypt_stages(spec)
+    if crypto.mode(spec) == "public-key":
+        branch, at = check, len(stages)
+    else:
+        branch = (crypto.decrypt_stages(spec, None, "symmetric") if encrypt else []) + check
+        at = len(stages) + len(encrypt)
+    tap = Tap(branch, name="tee (verify)", suffix=" (verify)", keep=1 << 20)
+    log.info("%s: base backup started (pg_basebackup from %s)", db.name, conn.where)
+    try:
+        result, checked = run_tapped([*stages, *encrypt], at, tap, FileSink(tmp))
+        result.raise_for_status(f"{db.name}: base backup: ")
+        summary = json.loads(checked.tail.decode())
+        label = parse_label(summary["backup_label"])
+        checks = ["pg_basebackup", "tar-structure", "backup_label", "start-segment-included"]
+        if crypto.mode(spec) == "public-key":
+            checks = crypto.check_structure(spec, tmp, name=final.name) + checks
+        record = {
+            "format": RECORD_FORMAT,
+            "kind": "base",
+            "name": db.name,
+            "database": db.database,
+            "created": store.iso(started),
+            "finished": store.iso(store.utcnow()),
+            "file": final.name,
+            "size": result.size,
+            "sha256": result.sha256,
+            "compression": kind,
+            "encryption": crypto.record(spec),
+            "segment_size": info.segment_size,
+            "server_version_num": info.version_num,
+            "files": summary["files"],
+            **label,
+            "verified": {"ok": True, "at": store.iso(store.utcnow()), "checks": checks},
+        }
+        store.write_atomic(store.sha256_path(final), store.sha256_line(result.sha256, final.name).encode())
+        store.write_atomic(store.record_path(final), json.dumps(record, indent=1).encode())
+        tmp.rename(final)
+        store.fsync_dir(directory)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("%s: verified base backup %s (%s)", db.name, final.name, store.human_size(result.size))
+    prune(spec, db)
+    return record
+
+
+def local_major() -> int:
+    out = subprocess.run([_pg_tool("postgres"), "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"(\d+)(?:\.\d+)?", out)
+    return int(found.group(1)) if found else 0
+
+
+def list_bases(spec: Spec, db: DatabaseSpec) -> list[tuple[Path, dict[str, Any]]]:
+    """Verified base backups (path, record), newest first."""
+    directory = base_dir(spec, db)
+    found = []
+    if directory.is_dir():
+        for entry in directory.glob("base_*.json"):
+            data_file = entry.with_name(entry.name[: -len(".json")])
+            try:
+                record = json.loads(entry.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if data_file.is_file() and (record.get("verified") or {}).get("ok"):
+                found.append((data_file, record))
+    found.sort(key=lambda item: item[1]["created"], reverse=True)
+    return found
+
+
+def prune(spec: Spec, db: DatabaseSpec, now: datetime | None = None) -> dict[str, list[str]]:
+    """Delete base backups older than wal.base_keep_days (never the newest verified one), then WAL
+    segments older than the oldest kept base's start segment: never a segment a kept base needs.
+    Without any base backup nothing is pruned. Returns what was deleted."""
+    now = now or store.utcnow()
+    keep = timedelta(days=float(settings(db)["base_keep_days"]))
+    bases = list_bases(spec, db)
+    gone: dict[str, list[str]] = {"bases": [], "segments": []}
+    kept = bases[:1] + [b for b in bases[1:] if now - store.parse_iso(b[1]["created"]) <= keep]
+    for path, _record in bases:
+        if all(path != k[0] for k in kept):
+            for victim in (path, store.sha256_path(path), store.record_path(path)):
+                victim.unlink(missing_ok=True)
+            gone["bases"].append(path.name)
+            log.info("%s: deleted base backup %s (older than base_keep_days)", db.name, path.name)
+    if not kept:
+        return gone
+    oldest = min(kept, key=lambda b: b[1]["created"])[1]
+    timeline, first = segment_number(oldest["start_segment"], oldest["segment_size"])
+    done, _ = list_segments(spec, db)
+    for segment in done:
+        if segment.record["timeline"] <= timeline and segment.number < first:
+            delete_segment(segment)
+            gone["segments"].append(segment.name)
+    if gone["segments"]:
+        log.info(
+            "%s: pruned %d WAL segment(s) older than %s (the oldest kept base backup starts there)",
+            db.name,
+            len(gone["segments"]),
+            oldest["start_segment"],
+        )
+    return gone
+
+
+# -- coverage ------------------------------------------------------------------------------------------
+def chain(
+    spec: Spec, db: DatabaseSpec, start_segment: str, segment_size: int
+) -> tuple[list[Segment], Segment | None, str | None]:
+    """The contiguous run of archived segments from ``start_segment``: (segments, the partial
+    snapshot when it continues the run, the name of the first missing segment when a later
+    segment exists past a hole, else None)."""
+    timeline, first = segment_number(start_segment, segment_size)
+    done, partial = list_segments(spec, db)
+    by_number = {s.number: s for s in done if s.record["timeline"] == timeline and s.number >= first}
+    run: list[Segment] = []
+    number = first
+    while number in by_number:
+        run.append(by_number.pop(number))
+        number += 1
+    later = sorted(by_number) + ([partial.number] if partial and partial.number > number else [])
+    gap = segment_name(timeline, number, segment_size) if later else None
+    tail = partial if partial is not None and partial.number == number else None
+    return run, tail, gap
