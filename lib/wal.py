@@ -44,6 +44,7 @@ log = logging.getLogger("backup")
 SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 RECORD_FORMAT = 1
 ONCE_TIMEOUT = 300
+HEARTBEAT = 10  # seconds between the receiver's heartbeat writes (status: is it running?)
 DEFAULTS = {
     "synchronous": False,
     "base_keep_days": 14,
@@ -489,15 +490,17 @@ def receive(spec: Spec, db: DatabaseSpec, once: bool = False, poll: float = 1.0)
     }
     stored: list[Segment] = []
     begun = last_snapshot = time.monotonic()
+    beat = -HEARTBEAT
     snapshot_every = float(wal.get("partial_snapshot_seconds") or 0)
     stopped_by: str | None = None
     try:
         while True:
             stored += archive_completed(spec, db, staging, info.segment_size)
-            state["updated"] = store.iso(store.utcnow())
-            if stored:
-                state["last_segment"] = stored[-1].name
-            write_heartbeat(spec, db, state)
+            if stored and state.get("last_segment") != stored[-1].name or time.monotonic() - beat >= HEARTBEAT:
+                state["updated"] = store.iso(store.utcnow())
+                state["last_segment"] = stored[-1].name if stored else state.get("last_segment")
+                write_heartbeat(spec, db, state)
+                beat = time.monotonic()
             if proc.poll() is not None:
                 break
             if end is not None and _flushed(conn, slot, end):
@@ -730,3 +733,70 @@ def chain(
     gap = segment_name(timeline, number, segment_size) if later else None
     tail = partial if partial is not None and partial.number == number else None
     return run, tail, gap
+
+
+# -- monitoring ------------------------------------------------------------------------------------------
+def _alive(state: Mapping[str, Any]) -> bool | None:
+    """Whether the heartbeat's process still runs (None: another host, cannot tell)."""
+    if state.get("host") != socket.gethostname() or not isinstance(state.get("pid"), int):
+        return None
+    try:
+        os.kill(state["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any], list[str]]:
+    """The ``wal`` block of ``invoke status`` for ``db`` and its problems: seconds since the last
+    archived segment, whether the receiver runs (its heartbeat), the slot's lag in bytes (read
+    from the server; None when it cannot be read), the newest base backup."""
+    wal = settings(db)
+    problems: list[str] = []
+    done, partial = list_segments(spec, db)
+    last = max(done, key=lambda s: s.received) if done else None
+    try:
+        state = json.loads(heartbeat_path(spec, db).read_bytes())
+    except (OSError, ValueError):
+        state = {}
+    beat_age = int((now - store.parse_iso(state["updated"])).total_seconds()) if state.get("updated") else None
+    alive = _alive(state) if state else None
+    running = bool(state) and "stopped" not in state and alive is not False
+    running = running and beat_age is not None and beat_age <= float(wal["alert_after_seconds"])
+    if not running:
+        why = "never started" if not state else ("stopped" if "stopped" in state or alive is False else "no heartbeat")
+        problems.append(
+            f"{db.name}: the WAL receiver is not running ({why}); start it: invoke wal-receive --db {db.name}"
+        )
+    lag = None
+    try:
+        lag = slot_lag_bytes(connection(spec, db), wal["slot"])
+    except (InputError, EnvironmentProblem) as exc:
+        problems.append(f"{db.name}: cannot read the replication slot's lag: {exc}")
+    if lag is not None and lag > float(wal["alert_lag_mb"]) * (1 << 20):
+        problems.append(
+            f"{db.name}: the server keeps {store.human_size(lag)} of WAL for slot {wal['slot']} (alert_lag_mb "
+            f"{wal['alert_lag_mb']:g}); is the receiver keeping up? see max_slot_wal_keep_size in docs/pitr.md"
+        )
+    bases = list_bases(spec, db)
+    if not bases:
+        problems.append(f"{db.name}: no base backup for point-in-time recovery; run invoke wal-base --db {db.name}")
+    block = {
+        "slot": wal["slot"],
+        "segments": len(done),
+        "last_segment": last.name if last else None,
+        "last_archived": last.record["received"] if last else None,
+        "seconds_since_last_segment": int((now - last.received).total_seconds()) if last else None,
+        "partial_snapshot": partial.record["received"] if partial else None,
+        "receiver_running": running,
+        "receiver_heartbeat_age_seconds": beat_age,
+        "slot_lag_bytes": lag,
+        "base_backups": len(bases),
+        "newest_base": bases[0][0].name if bases else None,
+        "newest_base_age_seconds": int((now - store.parse_iso(bases[0][1]["created"])).total_seconds())
+        if bases
+        else None,
+    }
+    return block, problems

@@ -257,3 +257,36 @@ def test_container_mode_through_the_docker_double(source, tmp_path):
     assert not any("pg_receivewal" in " ".join(c) or "pg_basebackup" in " ".join(c) for c in calls)
     source.sql(f'DROP DATABASE "{previous}";')
     assert os.path.isdir(ws.backup_dir / "pg" / "wal" / "base")
+
+
+def test_status_and_metrics_show_the_archive_the_receiver_and_the_slot_lag(source, archive, tmp_path):
+    ws, _ = archive
+    config = yaml.safe_load(ws.config.read_text())
+    config["monitoring"] = {"prometheus_textfile": str(tmp_path / "lemon.prom")}
+    config["databases"]["pg"]["wal"]["alert_lag_mb"] = 0.001
+    ws.write_config(config)
+    source.sql("SELECT pg_switch_wal(); CHECKPOINT;")  # WAL the slot keeps until a receiver takes it
+    source.sql("CREATE TABLE IF NOT EXISTS lag (x int); INSERT INTO lag SELECT generate_series(1, 5000);", "pitr_app")
+    result = ws.invoke("status", "--json")
+    assert result.returncode == 1  # problems: the receiver is stopped, the slot lags
+    block = json.loads(result.stdout)["databases"]["pg"]["wal"]
+    assert block["receiver_running"] is False and block["segments"] > 0 and block["base_backups"] == 2
+    assert block["slot"] == "lemon_backup_pg" and block["slot_lag_bytes"] > 1024
+    assert 0 <= block["seconds_since_last_segment"] < 600
+    problems = json.loads(result.stdout)["problems"]
+    assert any("WAL receiver is not running (stopped)" in p for p in problems)
+    assert any("of WAL for slot lemon_backup_pg" in p for p in problems)
+    text = ws.invoke("status").stdout
+    assert "wal: receiver NOT running" in text
+    from lib.config import load_spec
+    from lib.metrics import write_metrics
+
+    write_metrics(load_spec(ws.config, environ={"PITR_PASSPHRASE": PASSPHRASE}))
+    prom = (tmp_path / "lemon.prom").read_text()
+    assert 'lemon_backup_wal_receiver_up{database="pg"} 0' in prom
+    assert 'lemon_backup_wal_slot_lag_bytes{database="pg"}' in prom
+    ok(ws.invoke("wal-receive", "--once"))  # the archive catches up; the slot moves on
+    config["databases"]["pg"]["wal"]["alert_lag_mb"] = 1024
+    ws.write_config(config)
+    after = json.loads(ws.invoke("status", "--json").stdout)["databases"]["pg"]["wal"]
+    assert after["slot_lag_bytes"] < block["slot_lag_bytes"]
