@@ -498,7 +498,14 @@ def setup_cron(c, systemd=False, install=False, remove=False, dry_run=False, con
         if install:
             for path in schedule.install_systemd(spec):
                 print(f"wrote {path}")
-            print(f"now run: systemctl daemon-reload && systemctl enable --now {schedule.UNIT}.timer")
+            extra = [
+                n
+                for n in schedule.wal_units(spec)
+                if not n.startswith(f"{schedule.UNIT}-wal-base-") or n.endswith(".timer")
+            ]
+            print(
+                f"now run: systemctl daemon-reload && systemctl enable --now {' '.join([f'{schedule.UNIT}.timer', *extra])}"
+            )
             return
         for name, text in schedule.systemd_units(spec).items():
             print(f"# /etc/systemd/system/{name}\n{text}")

@@ -290,3 +290,25 @@ def test_status_and_metrics_show_the_archive_the_receiver_and_the_slot_lag(sourc
     ws.write_config(config)
     after = json.loads(ws.invoke("status", "--json").stdout)["databases"]["pg"]["wal"]
     assert after["slot_lag_bytes"] < block["slot_lag_bytes"]
+
+
+def test_setup_cron_systemd_installs_the_receiver_and_a_weekly_base_backup(tmp_path):
+    ws = Workspace(tmp_path)
+    db = {"engine": "postgres", "database": "app", "host": "127.0.0.1", "port": 1, "wal": {"enabled": True}}
+    ws.write_config({"version": 1, "backup_dir": "./backups", "databases": {"main.db": db}})
+    units = tmp_path / "units"
+    units.mkdir()
+    result = ok(ws.invoke("setup-cron", "--systemd", "--install", env={"BACKUP_SYSTEMD_DIR": str(units)}))
+    names = sorted(p.name for p in units.iterdir())
+    assert names == [
+        "lemon-backup-wal-base-main.db.service",
+        "lemon-backup-wal-base-main.db.timer",
+        "lemon-backup-wal-main.db.service",
+        "lemon-backup.service",
+        "lemon-backup.timer",
+    ]
+    receiver = (units / "lemon-backup-wal-main.db.service").read_text()
+    assert "Restart=always" in receiver and "KillSignal=SIGTERM" in receiver
+    assert f"wal-receive --db main.db --config {ws.config}" in receiver
+    assert "slot lemon_backup_main_db" in receiver
+    assert "lemon-backup-wal-main.db.service lemon-backup-wal-base-main.db.timer" in result.stdout
