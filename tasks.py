@@ -557,6 +557,10 @@ def adopt(c, db=None, dry_run=False, config=None):
         "destinations_mb": "Instead, measure off-site copies with a file of this many MiB: upload and download "
         "throughput to a loopback sshd (sftp, rsync) and a local S3 server (moto), and the tool's peak memory "
         "while uploading 2, 10 and 30 times the S3 part size (tests/bench_destinations.py).",
+        "pitr_mb": "Instead, measure point-in-time recovery on a throwaway cluster with a database of this many MB "
+        "(benchmarks/bench_pitr.py): seconds of commits lost at --to-latest after a server crash (synchronous "
+        "receiver or not, and a killed receiver), WAL archive size per GB written, restore to a time vs a dump restore.",
+        "pitr_seconds": "With --pitr-mb: seconds of steady writes per scenario (default 20).",
     },
 )
 def bench(
@@ -571,12 +575,18 @@ def bench(
     json=None,
     drop=False,
     destinations_mb=0,
+    pitr_mb=0,
+    pitr_seconds=20,
 ):
     """Benchmark old scripts vs this tool vs the pg_dump floor; prints medians and ratios (see docs/benchmarks.md)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    if int(pitr_mb):
+        script = Path(__file__).parent / "benchmarks" / "bench_pitr.py"
+        argv = [sys.executable, str(script), "--size-mb", str(int(pitr_mb)), "--seconds", str(float(pitr_seconds))]
+        raise Exit(code=subprocess.call(argv))
     if int(destinations_mb):
         script = Path(__file__).parent / "tests" / "bench_destinations.py"
         raise Exit(code=subprocess.call([sys.executable, str(script), str(int(destinations_mb))]))

@@ -15,6 +15,8 @@ Layout under ``<backup_dir>/<name>/wal/``:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Any
 from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
 from lib.engines.postgres import quote_literal
-from lib.errors import EnvironmentProblem, InputError, RunFailed, VerificationFailed
+from lib.errors import EnvironmentProblem, InputError, LockHeld, RunFailed, VerificationFailed
 from lib.exec import child_env, dying_with_tool, require_binary, tail_text
 from lib.stream import FileSink, HashSink, Stage, Tap, run_pipeline, run_tapped, sha256_file
 
@@ -138,7 +140,7 @@ class Conn:
         parts = [f"host={self.host}", f"port={self.port}", f"dbname={self.dbname}"]
         parts += [f"application_name={application}"] if application else []
         parts += [f"user={self.user}"] if self.user else []
-        parts += ["replication=database"] if replication else []
+        parts += ["replication=true"] if replication else []  # physical: what pg_hba "replication" matches
         return " ".join(parts)
 
     def env(self) -> dict[str, str]:
@@ -463,6 +465,32 @@ def receive(spec: Spec, db: DatabaseSpec, once: bool = False, poll: float = 1.0)
     require_binary(compress.compressor(compression_kind(db)).argv[0])
     conn = connection(spec, db)
     info = preflight(conn, db)
+    with receiver_lock(spec, db):
+        return _receive(spec, db, conn, info, wal, once, poll)
+
+
+@contextlib.contextmanager
+def receiver_lock(spec: Spec, db: DatabaseSpec) -> Iterator[None]:
+    """One receiver per database: an flock on wal/receiver.lock (released when the holder dies).
+    Raises LockHeld naming the running one."""
+    path = store.ensure_dir(wal_dir(spec, db)) / "receiver.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeld(f"{db.name}: another wal-receive already runs for it ({holder}); stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _receive(
+    spec: Spec, db: DatabaseSpec, conn: Conn, info: ServerInfo, wal: dict[str, Any], once: bool, poll: float
+) -> dict[str, Any]:
     slot = wal["slot"]
     ensure_slot(conn, slot)
     staging = store.ensure_dir(wal_dir(spec, db) / "staging")

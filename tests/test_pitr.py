@@ -105,6 +105,21 @@ def test_preflight_names_what_the_server_lacks(source, tmp_path):
     assert "Traceback" not in result.stderr
     slots = source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';")
     assert slots == "0"  # nothing started
+    hba = source.data / "pg_hba.conf"
+    original = hba.read_text()
+    try:  # no replication line: named, with the line to add
+        hba.write_text("".join(line for line in original.splitlines(True) if "replication" not in line))
+        source.sql("SELECT pg_reload_conf();")
+        config["databases"]["pg"]["user"] = "postgres"
+        ws.write_config(config)
+        result = ws.invoke("wal-receive", "--once")
+    finally:
+        hba.write_text(original)
+        source.sql("SELECT pg_reload_conf();")
+    assert result.returncode == 2, result.stderr
+    assert "pg_hba.conf has no replication line for user postgres from 127.0.0.1" in result.stderr
+    assert "'host replication postgres 127.0.0.1/32 scram-sha-256'" in result.stderr
+    assert source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';") == "0"
     config["databases"]["pg"].pop("wal")
     ws.write_config(config)
     result = ws.invoke("wal-receive")
@@ -150,6 +165,13 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     assert source.sql("SELECT count(*) FROM pg_database;") == before  # nothing created or touched
     future = copy.invoke("restore", "--to-time", "2999-01-01 00:00:00+00", "--into", "pitr_gap", "--yes")
     assert future.returncode == 2 and "in the future" in future.stderr
+    time.sleep(1.1)
+    beyond = source.sql("SELECT clock_timestamp() - interval '1 second';")  # after the last --once
+    shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / victim.name, victim)  # whole again
+    shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / f"{victim.name}.json", f"{victim}.json")
+    result = copy.invoke("restore", "--to-time", beyond, "--into", "pitr_gap", "--yes")
+    assert result.returncode == 2 and "is beyond the archive's end" in result.stderr
+    assert source.sql("SELECT count(*) FROM pg_database;") == before
 
 
 def test_retention_keeps_every_segment_a_kept_base_needs(source, archive, tmp_path):
@@ -215,6 +237,8 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
     source.sql("SELECT pg_switch_wal();")
     receiver = start()
     streaming()
+    second = ws.invoke("wal-receive", "--once")
+    assert second.returncode == 1 and "another wal-receive already runs for it (pid " in second.stderr
     # synchronous commit: each commit waits until the receiver has flushed it
     source.sql("ALTER SYSTEM SET synchronous_standby_names = 'lemon_backup_live'; SELECT pg_reload_conf();")
     try:
