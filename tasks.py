@@ -10,7 +10,7 @@ from lib.backup import plan
 from lib.backup import prune as prune_db
 from lib.cli import confirm_on_terminal, guarded, parse_tier, spec_and_log
 from lib.config import load_spec
-from lib.errors import InputError, ToolError
+from lib.errors import InputError
 from lib.log import get as get_log
 from lib.ops import after_prune, locked, run_backups
 from lib.restore import restore as restore_db
@@ -306,10 +306,9 @@ def drill_wal(db, from_, local_server, config):
     failed = []
     for name in names:
         item = wal.require_enabled(spec, name)
-        try:
-            report = pitr.drill_to_latest(spec, item)
-        except ToolError as exc:
-            failed.append(f"{name}: {exc}")
+        report = pitr.drill_to_latest(spec, item)
+        if not report["ok"]:
+            failed.append(f"{name}: {report['error']}")
             continue
         print(
             f"{name}: OK: {report['plan']}; recovered to {report['recovery_point'] or 'the base backup'}; "

@@ -297,12 +297,11 @@ def restore_to_point(
     """The whole road (see the module docstring). Returns the safe road's summary plus
     'recovery_point' and 'plan'. Raises InputError before anything is touched when the archive
     does not cover the target."""
-    from lib import crypto
     from lib.restore import check_target, restore
 
     check_target(spec, db, into, force_target)
-    crypto.preflight(spec) if crypto.mode(spec) == "symmetric" else None
     p = plan(spec, db, target)
+    decode_stages(spec, p.base, p.base_record)  # a missing passphrase is refused here, before any work
     where = into or db.database
     if confirm is not None and not confirm(
         f"Restore '{where}' to {target.isoformat() if target else 'the latest point'} ({p.describe()})?"
@@ -339,22 +338,41 @@ def restore_to_point(
 def drill_to_latest(spec: Spec, db: DatabaseSpec) -> dict[str, Any]:
     """Prove the newest base backup plus the archived WAL replay: recover to the end of the
     archive in a throwaway cluster, dump the configured database and verify the dump. Touches no
-    server. Returns a report ('ok', 'recovery_point', 'tables', 'rows', 'seconds')."""
+    server. Recorded with the drills (status shows it). Returns the result ('ok', 'recovery_point',
+    'tables', 'rows', 'seconds', or 'error' and 'stage')."""
+    from lib import history
+    from lib.errors import ToolError
+
     started = time.monotonic()
-    p = plan(spec, db, None)
-    with workdir(db) as root:
-        cluster, report, inside = recovered(spec, p, root)
-        try:
-            dump_spec = replace(spec, backup_dir=root / "dump", encryption={"mode": "none"}, destinations=[])
-            backup = run_backup(dump_spec, inside, tier="daily")
-        finally:
-            cluster.stop()
-    counts = backup.record.get("engine_meta", {}).get("tables", {}) or {}
-    return {
-        "ok": True,
-        "recovery_point": report["recovery_point"],
-        "plan": p.describe(),
-        "tables": len(counts),
-        "rows": sum(v for v in counts.values() if isinstance(v, int)),
-        "seconds": round(time.monotonic() - started, 1),
+    result: dict[str, Any] = {
+        "ok": False,
+        "source": "wal (to latest)",
+        "target": "throwaway cluster",
+        "server": "local",
     }
+    try:
+        p = plan(spec, db, None)
+        result["file"] = p.base.name
+        with workdir(db) as root:
+            cluster, report, inside = recovered(spec, p, root)
+            try:
+                dump_spec = replace(spec, backup_dir=root / "dump", encryption={"mode": "none"}, destinations=[])
+                backup = run_backup(dump_spec, inside, tier="daily")
+            finally:
+                cluster.stop()
+        counts = backup.record.get("engine_meta", {}).get("tables", {}) or {}
+        result.update(
+            ok=True,
+            recovery_point=report["recovery_point"],
+            plan=p.describe(),
+            backup_created=p.base_record.get("created"),
+            restore_seconds=report["seconds"],
+            tables=len(counts),
+            rows=sum(v for v in counts.values() if isinstance(v, int)),
+        )
+    except ToolError as exc:
+        result.update(error=str(exc), stage=history.stage_of(exc, "restore"))
+    result["seconds"] = round(time.monotonic() - started, 1)
+    result["at"] = store.iso(store.utcnow())
+    history.record_drill(spec.backup_dir, db.name, result)
+    return result

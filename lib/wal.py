@@ -515,6 +515,7 @@ def _receive(
         "started": store.iso(store.utcnow()),
         "slot": slot,
         "segment_size": info.segment_size,
+        "mode": "once" if once else "continuous",
     }
     stored: list[Segment] = []
     begun = last_snapshot = time.monotonic()
@@ -791,10 +792,16 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
         state = {}
     beat_age = int((now - store.parse_iso(state["updated"])).total_seconds()) if state.get("updated") else None
     alive = _alive(state) if state else None
-    running = bool(state) and "stopped" not in state and alive is not False
+    # a continuous receiver runs while its process lives; --once from cron counts while its runs are recent
+    once = state.get("mode") == "once"
+    running = bool(state) and (once or ("stopped" not in state and alive is not False))
     running = running and beat_age is not None and beat_age <= float(wal["alert_after_seconds"])
     if not running:
-        why = "never started" if not state else ("stopped" if "stopped" in state or alive is False else "no heartbeat")
+        why = (
+            "never started"
+            if not state
+            else ("stopped" if not once and ("stopped" in state or alive is False) else "no recent heartbeat")
+        )
         problems.append(
             f"{db.name}: the WAL receiver is not running ({why}); start it: invoke wal-receive --db {db.name}"
         )

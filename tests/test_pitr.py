@@ -144,6 +144,8 @@ def test_restore_to_a_time_between_commits_brings_back_exactly_what_was_committe
     assert "previous database kept" not in latest.stdout
     drill = ok(ws.invoke("drill", "--to-latest"))
     assert "pg: OK" in drill.stdout and "30 row(s)" in drill.stdout
+    last = json.loads(ws.invoke("status", "--json").stdout)["databases"]["pg"]["last_drill"]
+    assert last["ok"] is True and last["source"] == "wal (to latest)" and last["rows"] == 30
 
 
 def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(source, archive, tmp_path):
@@ -171,6 +173,8 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / f"{victim.name}.json", f"{victim}.json")
     result = copy.invoke("restore", "--to-time", beyond, "--into", "pitr_gap", "--yes")
     assert result.returncode == 2 and "is beyond the archive's end" in result.stderr
+    result = copy.invoke("restore", "--to-latest", "--into", "pitr_gap", "--yes", env={"PITR_PASSPHRASE": ""})
+    assert result.returncode == 2 and "PITR_PASSPHRASE" in result.stderr  # encrypted WAL needs it: said first
     assert source.sql("SELECT count(*) FROM pg_database;") == before
 
 
@@ -239,6 +243,7 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
     streaming()
     second = ws.invoke("wal-receive", "--once")
     assert second.returncode == 1 and "another wal-receive already runs for it (pid " in second.stderr
+    assert json.loads(ws.invoke("status", "--json").stdout)["databases"]["pg"]["wal"]["receiver_running"] is True
     # synchronous commit: each commit waits until the receiver has flushed it
     source.sql("ALTER SYSTEM SET synchronous_standby_names = 'lemon_backup_live'; SELECT pg_reload_conf();")
     try:
@@ -250,6 +255,9 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
     out, err = receiver.communicate(timeout=60)
     assert receiver.returncode == 0, err
     assert "stopped by SIGTERM" in out and "partial segment" in out
+    stopped = json.loads(ws.invoke("status", "--json").stdout)
+    assert stopped["databases"]["pg"]["wal"]["receiver_running"] is False
+    assert any("WAL receiver is not running (stopped)" in p for p in stopped["problems"])
     result = ok(ws.invoke("restore", "--to-latest", "--into", "pitr_live_back", "--yes"))
     assert count(source, "pitr_live_back") == 25, result.stdout
 
@@ -288,7 +296,9 @@ def test_status_and_metrics_show_the_archive_the_receiver_and_the_slot_lag(sourc
     config = yaml.safe_load(ws.config.read_text())
     config["monitoring"] = {"prometheus_textfile": str(tmp_path / "lemon.prom")}
     config["databases"]["pg"]["wal"]["alert_lag_mb"] = 0.001
+    config["databases"]["pg"]["wal"]["alert_after_seconds"] = 0.5  # the last --once is older than that
     ws.write_config(config)
+    time.sleep(0.6)
     source.sql("SELECT pg_switch_wal(); CHECKPOINT;")  # WAL the slot keeps until a receiver takes it
     source.sql("CREATE TABLE IF NOT EXISTS lag (x int); INSERT INTO lag SELECT generate_series(1, 5000);", "pitr_app")
     result = ws.invoke("status", "--json")
@@ -298,7 +308,7 @@ def test_status_and_metrics_show_the_archive_the_receiver_and_the_slot_lag(sourc
     assert block["slot"] == "lemon_backup_pg" and block["slot_lag_bytes"] > 1024
     assert 0 <= block["seconds_since_last_segment"] < 600
     problems = json.loads(result.stdout)["problems"]
-    assert any("WAL receiver is not running (stopped)" in p for p in problems)
+    assert any("WAL receiver is not running (no recent heartbeat)" in p for p in problems)
     assert any("of WAL for slot lemon_backup_pg" in p for p in problems)
     text = ws.invoke("status").stdout
     assert "wal: receiver NOT running" in text
@@ -310,10 +320,11 @@ def test_status_and_metrics_show_the_archive_the_receiver_and_the_slot_lag(sourc
     assert 'lemon_backup_wal_receiver_up{database="pg"} 0' in prom
     assert 'lemon_backup_wal_slot_lag_bytes{database="pg"}' in prom
     ok(ws.invoke("wal-receive", "--once"))  # the archive catches up; the slot moves on
-    config["databases"]["pg"]["wal"]["alert_lag_mb"] = 1024
+    config["databases"]["pg"]["wal"].update(alert_lag_mb=1024, alert_after_seconds=900)
     ws.write_config(config)
     after = json.loads(ws.invoke("status", "--json").stdout)["databases"]["pg"]["wal"]
     assert after["slot_lag_bytes"] < block["slot_lag_bytes"]
+    assert after["receiver_running"] is True  # a recent --once run counts (cron users)
 
 
 def test_setup_cron_systemd_installs_the_receiver_and_a_weekly_base_backup(tmp_path):
