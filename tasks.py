@@ -71,7 +71,8 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
         "to_time": "postgres with wal enabled: restore the database as it was at this time, e.g. "
         "'2026-12-01 10:42:00+09:00' (no offset: this host's time), from the newest base backup before it plus "
         "the archived WAL, replayed in a throwaway cluster (docs/pitr.md).",
-        "to_latest": "postgres with wal enabled: as --to-time, to the newest point the WAL archive holds.",
+        "to_latest": "postgres with wal enabled: as --to-time, to the newest point the WAL archive holds. With "
+        "--from DEST, the WAL archive and base backups are read from that (rsync) destination.",
     },
 )
 @guarded
@@ -264,8 +265,8 @@ def restore_point(
 
     if to_time and to_latest:
         raise InputError("pass --to-time TIME or --to-latest, not both")
-    if file or all or from_:
-        raise InputError("--to-time/--to-latest restore from the WAL archive; drop --file, --all and --from")
+    if file or all:
+        raise InputError("--to-time/--to-latest restore from the WAL archive; drop --file and --all")
     if engine not in (None, "postgres"):
         raise InputError("--to-time/--to-latest are for --engine postgres")
     target = pitr.parse_target(to_time) if to_time else None
@@ -283,8 +284,9 @@ def restore_point(
             no_owner=no_owner,
             no_privileges=no_privileges,
             force_target=force_target,
+            source=from_,
         )
-    print(f"replayed {summary['plan']}")
+    print(f"replayed {summary['plan']}" + (f" (from off-site destination {from_})" if from_ else ""))
     point = summary["recovery_point"] or "the base backup itself (no transaction after it)"
     print(f"recovery point reached: {point} (last replayed commit)")
     print(
@@ -647,6 +649,11 @@ def offsite(c, dest=None, db=None, dry_run=False, wait=None, config=None):
         raise InputError(f"{spec.config_path} has no destinations; add one under 'destinations:' (see docs/offsite.md)")
     with locked(spec, "offsite", wait):
         failures = sync(spec, spec.select(db), dest or None, dry_run=dry_run)
+        if not dry_run:  # point-in-time recovery: the WAL archive and base backups too (catch-up)
+            from lib import wal
+
+            for item in (d for d in spec.select(db) if wal.enabled(d)):
+                failures += wal.ship(spec, item, dest or None)
         if not dry_run:
             after_prune(spec)  # copies and remote deletions change the destination-lag metrics
     if failures:

@@ -293,14 +293,42 @@ def restore_to_point(
     no_owner: bool = False,
     no_privileges: bool = False,
     force_target: bool = False,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """The whole road (see the module docstring). Returns the safe road's summary plus
+    """The whole road (see the module docstring). ``source``: read the WAL archive and base
+    backups from this off-site destination (downloaded first into a private directory). Returns the safe road's summary plus
     'recovery_point' and 'plan'. Raises InputError before anything is touched when the archive
     does not cover the target."""
-    from lib.restore import check_target, restore
+    from lib.restore import check_target
 
     check_target(spec, db, into, force_target)
-    p = plan(spec, db, target)
+    if source:
+        with workdir(db) as fetched:
+            archive = wal.fetch_archive(spec, db, source, fetched)
+            summary = _restore_from(
+                spec, archive, db, target, into, drop_previous, confirm, no_owner, no_privileges, force_target
+            )
+            summary["source"] = source
+            return summary
+    return _restore_from(spec, spec, db, target, into, drop_previous, confirm, no_owner, no_privileges, force_target)
+
+
+def _restore_from(
+    spec: Spec,
+    archive: Spec,
+    db: DatabaseSpec,
+    target: datetime | None,
+    into: str | None,
+    drop_previous: bool,
+    confirm: Callable[[str], bool] | None,
+    no_owner: bool,
+    no_privileges: bool,
+    force_target: bool,
+) -> dict[str, Any]:
+    """restore_to_point reading the archive through ``archive`` (a Spec whose backup_dir holds it)."""
+    from lib.restore import restore
+
+    p = plan(archive, db, target)
     decode_stages(spec, p.base, p.base_record)  # a missing passphrase is refused here, before any work
     where = into or db.database
     if confirm is not None and not confirm(

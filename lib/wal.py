@@ -46,6 +46,7 @@ log = logging.getLogger("backup")
 SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 RECORD_FORMAT = 1
 ONCE_TIMEOUT = 300
+SHIP_RETRY = 60  # seconds before a failed off-site copy of the archive is tried again
 HEARTBEAT = 10  # seconds between the receiver's heartbeat writes (status: is it running?)
 DEFAULTS = {
     "synchronous": False,
@@ -522,9 +523,15 @@ def _receive(
     beat = -HEARTBEAT
     snapshot_every = float(wal.get("partial_snapshot_seconds") or 0)
     stopped_by: str | None = None
+    shipped_at, unshipped = -SHIP_RETRY, bool(spec.destinations)  # catch up what an earlier run left
     try:
         while True:
-            stored += archive_completed(spec, db, staging, info.segment_size)
+            new = archive_completed(spec, db, staging, info.segment_size)
+            stored += new
+            unshipped = unshipped or (bool(new) and bool(spec.destinations))
+            if unshipped and (new or time.monotonic() - shipped_at >= SHIP_RETRY):
+                unshipped = bool(ship(spec, db))
+                shipped_at = time.monotonic()
             if stored and state.get("last_segment") != stored[-1].name or time.monotonic() - beat >= HEARTBEAT:
                 state["updated"] = store.iso(store.utcnow())
                 state["last_segment"] = stored[-1].name if stored else state.get("last_segment")
@@ -561,6 +568,8 @@ def _receive(
     state["updated"] = store.iso(store.utcnow())
     state["stopped"] = state["updated"]
     write_heartbeat(spec, db, state)
+    if spec.destinations:
+        ship(spec, db)
     if proc.returncode not in (0, -signal.SIGINT) and stopped_by is None:
         raise RunFailed(f"{db.name}: pg_receivewal exited with status {proc.returncode}: {message or 'no message'}")
     return {"stored": [s.name for s in stored], "partial": snap.name if snap else None, "stopped_by": stopped_by}
@@ -683,6 +692,7 @@ def base_backup(spec: Spec, db: DatabaseSpec) -> dict[str, Any]:
         raise
     log.info("%s: verified base backup %s (%s)", db.name, final.name, store.human_size(result.size))
     prune(spec, db)
+    record["offsite_failed"] = ship(spec, db) if spec.destinations else []
     return record
 
 
@@ -835,3 +845,79 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
         else None,
     }
     return block, problems
+
+
+# -- off-site copies -------------------------------------------------------------------------------------
+AREAS = ("wal/archive", "wal/base")
+OURS = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial)?|base_\d{8}_\d{6}\.tar)\.[a-z0-9.]+$")
+
+
+def _local_files(spec: Spec, db: DatabaseSpec, area: str) -> dict[str, int]:
+    directory = spec.backup_dir / db.name / area
+    if not directory.is_dir():
+        return {}
+    return {
+        p.name: p.stat().st_size
+        for p in directory.iterdir()
+        if p.is_file() and OURS.match(p.name) and not p.name.startswith(store.TEMP_PREFIX)
+    }
+
+
+def ship(spec: Spec, db: DatabaseSpec, dest_names: list[str] | None = None) -> list[str]:
+    """Bring every destination that takes plain files (rsync) up to date with the WAL archive and
+    base backups: upload what it lacks (each data file before its record), delete what was pruned
+    here (only files named like ours). Never raises for a destination; returns the failures."""
+    from lib import destinations
+    from lib.errors import ToolError
+
+    failures = []
+    for dest in destinations.configured(spec, dest_names):
+        if not hasattr(dest, "put_files"):
+            log.warning("%s: %s destinations do not take WAL archives yet; not copied there", dest.name, dest.type)
+            continue
+        with dest:
+            try:
+                for area in AREAS:
+                    relative = f"{db.name}/{area}"
+                    local = _local_files(spec, db, area)
+                    remote = dest.list_files(relative)
+                    missing = [n for n, size in sorted(local.items()) if remote.get(n) != size]
+                    data = [n for n in missing if not n.endswith((".json", ".sha256"))]
+                    records = [n for n in missing if n.endswith((".json", ".sha256"))]
+                    for batch in (data, records):  # a record never arrives before its file
+                        if batch:
+                            dest.put_files(spec.backup_dir, relative, batch)
+                    stale = [n for n in remote if OURS.match(n) and n not in local]
+                    dest.delete_files(relative, sorted(stale, key=lambda n: n.endswith(".json")))
+                    if missing or stale:
+                        log.info(
+                            "%s: %s/%s: copied %d, deleted %d file(s)",
+                            dest.name,
+                            db.name,
+                            area,
+                            len(missing),
+                            len(stale),
+                        )
+            except ToolError as exc:
+                log.error("%s: off-site copy of %s's WAL archive FAILED: %s", dest.name, db.name, exc)
+                failures.append(f"{dest.name}: {exc}")
+    return failures
+
+
+def fetch_archive(spec: Spec, db: DatabaseSpec, dest_name: str, work: Path) -> Spec:
+    """Download ``db``'s WAL archive and base backups from ``dest_name`` into ``work`` (laid out as
+    a backup_dir); returns a Spec reading from there. Raises InputError when that destination
+    cannot hold them."""
+    from dataclasses import replace
+
+    from lib import destinations
+
+    dest = destinations.get(spec, dest_name)
+    if not hasattr(dest, "get_files"):
+        raise InputError(f"--from {dest_name}: {dest.type} destinations do not hold WAL archives yet (rsync does)")
+    with dest:
+        for area in AREAS:
+            target = store.ensure_dir(work / db.name / area)
+            if dest.list_files(f"{db.name}/{area}"):
+                dest.get_files(f"{db.name}/{area}", target)
+    return replace(spec, backup_dir=work)

@@ -178,6 +178,40 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     assert source.sql("SELECT count(*) FROM pg_database;") == before
 
 
+def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, archive, tmp_path):
+    from datetime import timedelta
+
+    from lib import store, wal
+    from lib.config import load_spec
+
+    ws, _ = archive
+    copy = make_workspace(tmp_path / "ws", source, "pitr_app")
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    config = yaml.safe_load(ws.config.read_text())
+    config["destinations"] = [{"name": "nas", "type": "rsync", "target": str(nas)}]
+    copy.write_config(config)
+    copy.env["PITR_PASSPHRASE"] = PASSPHRASE
+    shutil.copytree(ws.backup_dir, copy.backup_dir)
+
+    def names(directory: Path) -> list[str]:
+        return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+    ok(copy.invoke("offsite"))
+    for area in ("archive", "base"):
+        assert names(nas / "pg" / "wal" / area) == names(copy.backup_dir / "pg" / "wal" / area)
+    spec = load_spec(copy.config, environ={"PITR_PASSPHRASE": PASSPHRASE})
+    gone = wal.prune(spec, spec.databases["pg"], now=store.utcnow() + timedelta(days=30))
+    assert gone["bases"] and gone["segments"]
+    ok(copy.invoke("offsite"))  # what was pruned here goes there too
+    for area in ("archive", "base"):
+        assert names(nas / "pg" / "wal" / area) == names(copy.backup_dir / "pg" / "wal" / area)
+    shutil.rmtree(copy.backup_dir / "pg" / "wal")  # the backup host lost its archive
+    result = ok(copy.invoke("restore", "--to-latest", "--from", "nas", "--into", "pitr_from_nas", "--yes"))
+    assert "from off-site destination nas" in result.stdout
+    assert count(source, "pitr_from_nas") == 30
+
+
 def test_retention_keeps_every_segment_a_kept_base_needs(source, archive, tmp_path):
     from datetime import timedelta
 
