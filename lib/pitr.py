@@ -225,7 +225,20 @@ def _decode_into(spec: Spec, path: Path, record: dict[str, Any], stage: Stage | 
         raise VerificationFailed(f"{path.name}: decoded segment differs from the one received")
 
 
-def build(spec: Spec, p: Plan, cluster: RecoveryCluster) -> dict[str, Any]:
+def proven_until(p: Plan, cover: dict[str, Any] | None) -> str | None:
+    """The server time up to which the planned WAL provably holds every commit: the receiver's
+    last coverage note, when the planned segments reach its WAL position. None: unknown."""
+    if not cover:
+        return None
+    size = p.base_record["segment_size"]
+    needed = max(wal.lsn_value(cover["lsn"]) - 1, 0) // size  # the segment holding the byte before it
+    if p.partial is not None and p.partial.number == needed:
+        return cover["covers_until"] if p.partial.received >= store.parse_iso(cover["recorded"]) else None
+    last = p.partial.number if p.partial is not None else (p.segments[-1].number if p.segments else -1)
+    return cover["covers_until"] if last >= needed else None
+
+
+def build(spec: Spec, p: Plan, cluster: RecoveryCluster, archive_spec: Spec | None = None) -> dict[str, Any]:
     """Extract the base backup, stage the WAL, replay to the target and promote. Returns
     {'recovery_point': text or None, 'reached_target': bool, 'seconds': float}."""
     started = time.monotonic()
@@ -242,8 +255,15 @@ def build(spec: Spec, p: Plan, cluster: RecoveryCluster) -> dict[str, Any]:
     ok, text = cluster.start()
     reached = p.target is not None
     if not ok and p.target is not None and NOT_REACHED in text:
-        # no commit after the target anywhere in the archive, which covers the target: the state at
-        # the target is the end of the archive; replay on to it
+        # no commit after the target anywhere in the archive: the state at the target is the end
+        # of the archive, but only if the archive provably holds everything written up to the target
+        covers = proven_until(p, wal.coverage(archive_spec or spec, p.db))
+        if not covers or datetime.fromisoformat(covers) < p.target:
+            raise RunFailed(
+                f"{p.db.name}: the archive holds no commit after {p.target.isoformat()} and is known to be complete "
+                f"only up to {covers or 'an unknown time'}; run invoke wal-receive --once --db {p.db.name} and retry, "
+                "or restore --to-latest (nothing was touched)"
+            )
         log.info("%s: no transaction after %s in the archive; replaying to its end", p.db.name, p.target.isoformat())
         cluster.stop()
         cluster.configure(None)
@@ -272,11 +292,13 @@ def workdir(db: DatabaseSpec) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def recovered(spec: Spec, p: Plan, root: Path) -> tuple[RecoveryCluster, dict[str, Any], DatabaseSpec]:
+def recovered(
+    spec: Spec, p: Plan, root: Path, archive: Spec | None = None
+) -> tuple[RecoveryCluster, dict[str, Any], DatabaseSpec]:
     """Build the recovered cluster in ``root``; returns (cluster, build report, a DatabaseSpec
     pointing at the configured database inside it)."""
     cluster = RecoveryCluster(root)
-    report = build(spec, p, cluster)
+    report = build(spec, p, cluster, archive)
     inside = replace(
         p.db, container=None, host=str(cluster.sock), port=cluster.port, password_env=None, user=p.db.user or "postgres"
     )
@@ -336,7 +358,7 @@ def _restore_from(
     ):
         raise InputError("restore cancelled; nothing was touched")
     with workdir(db) as root:
-        cluster, report, inside = recovered(spec, p, root)
+        cluster, report, inside = recovered(spec, p, root, archive)
         try:
             dump_spec = replace(spec, backup_dir=root / "dump", encryption={"mode": "none"}, destinations=[])
             backup = run_backup(dump_spec, inside, tier="daily")

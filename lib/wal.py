@@ -451,6 +451,68 @@ def _flushed(conn: Conn, slot: str, lsn: str) -> bool:
     return query(conn, sql) == "t"
 
 
+def server_position(conn: Conn) -> tuple[str, str] | None:
+    """(pg_current_wal_lsn(), clock_timestamp()) on the server; None when it cannot be read."""
+    try:
+        lsn, moment = query(conn, "SELECT pg_current_wal_lsn(), clock_timestamp()").split("|")
+    except (EnvironmentProblem, ValueError):
+        return None
+    return lsn, moment
+
+
+def caught_up(conn: Conn, slot: str, lsn: str, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until the receiver has written WAL up to ``lsn``."""
+    sql = (
+        f"SELECT count(*) FROM pg_stat_replication WHERE application_name = {quote_literal(slot)} "  # noqa: S608
+        f"AND write_lsn >= {quote_literal(lsn)}::pg_lsn"
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if query(conn, sql) != "0":
+                return True
+        except EnvironmentProblem:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def covered_snapshot(spec: Spec, db: DatabaseSpec, conn: Conn, slot: str, staging: Path, segment_size: int) -> None:
+    """A partial snapshot, taken once the receiver was seen to have everything the server had
+    written when asked: then the archive covers every commit up to that moment (record_coverage)."""
+    position = server_position(conn)
+    proven = position is not None and caught_up(conn, slot, position[0], 3.0)
+    snapshot_partial(spec, db, staging, segment_size)
+    if proven:
+        record_coverage(spec, db, position)
+
+
+def coverage_path(spec: Spec, db: DatabaseSpec) -> Path:
+    return archive_dir(spec, db) / "coverage.json"  # in the archive: it goes off-site with it
+
+
+def record_coverage(spec: Spec, db: DatabaseSpec, position: tuple[str, str]) -> None:
+    """Note that the archive (completed segments plus the partial snapshot stored after this call's
+    proof) holds all WAL up to ``position`` = (lsn, the server's time then)."""
+    data = {"lsn": position[0], "covers_until": position[1], "recorded": store.iso(store.utcnow())}
+    store.ensure_dir(archive_dir(spec, db))
+    store.write_atomic(coverage_path(spec, db), json.dumps(data).encode())
+
+
+def coverage(spec: Spec, db: DatabaseSpec) -> dict[str, Any] | None:
+    try:
+        data = json.loads(coverage_path(spec, db).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and {"lsn", "covers_until", "recorded"} <= set(data) else None
+
+
+def lsn_value(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
 def write_heartbeat(spec: Spec, db: DatabaseSpec, state: dict[str, Any]) -> None:
     store.write_atomic(heartbeat_path(spec, db), json.dumps(state, indent=1).encode())
 
@@ -500,7 +562,10 @@ def _receive(
     argv += ["-s", "1"]
     if wal.get("synchronous") or once:  # --once: flushed WAL is reported at once (the slot moves)
         argv.append("--synchronous")
-    end = query(conn, "SELECT pg_current_wal_lsn()") if once else None
+    start = server_position(conn) if once else None
+    if once and start is None:
+        raise RunFailed(f"{db.name}: cannot read the server's WAL position")
+    end = start[0] if start else None
     err = tempfile.TemporaryFile()  # noqa: SIM115
     proc = subprocess.Popen(dying_with_tool(argv), stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=conn.env())
     log.info(
@@ -523,6 +588,7 @@ def _receive(
     beat = -HEARTBEAT
     snapshot_every = float(wal.get("partial_snapshot_seconds") or 0)
     stopped_by: str | None = None
+    covers: tuple[str, str] | None = start  # --once: flushed up to the position at its start
     shipped_at, unshipped = -SHIP_RETRY, bool(spec.destinations)  # catch up what an earlier run left
     try:
         while True:
@@ -544,7 +610,7 @@ def _receive(
             if end is not None and time.monotonic() - begun > ONCE_TIMEOUT:
                 raise RunFailed(f"{db.name}: --once: the receiver did not reach {end} in {ONCE_TIMEOUT}s")
             if snapshot_every and not once and time.monotonic() - last_snapshot >= snapshot_every:
-                snapshot_partial(spec, db, staging, info.segment_size)
+                covered_snapshot(spec, db, conn, slot, staging, info.segment_size)
                 last_snapshot = time.monotonic()
             time.sleep(min(poll, 0.2) if once else poll)
     except KeyboardInterrupt as exc:
@@ -552,6 +618,10 @@ def _receive(
 
         stopped_by = interrupt.signal_name(exc)
         log.info("%s: %s: stopping pg_receivewal and archiving what it has", db.name, stopped_by)
+        if proc.poll() is None:  # what the server has written so far, before the receiver stops
+            position = server_position(conn)
+            if position and caught_up(conn, slot, position[0], 5.0):
+                covers = position
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # pg_receivewal's clean stop: flushes and closes its file
@@ -564,7 +634,11 @@ def _receive(
     message = tail_text(err.read())
     err.close()
     stored += archive_completed(spec, db, staging, info.segment_size)
+    if end is not None and not _flushed(conn, slot, end):
+        covers = None  # --once stopped early (an error, a signal): no proof
     snap = snapshot_partial(spec, db, staging, info.segment_size)
+    if covers is not None:
+        record_coverage(spec, db, covers)
     state["updated"] = store.iso(store.utcnow())
     state["stopped"] = state["updated"]
     write_heartbeat(spec, db, state)
@@ -849,7 +923,11 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
 
 # -- off-site copies -------------------------------------------------------------------------------------
 AREAS = ("wal/archive", "wal/base")
-OURS = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial)?|base_\d{8}_\d{6}\.tar)\.[a-z0-9.]+$")
+OURS = re.compile(r"^(?:(?:[0-9A-F]{24}(?:\.partial)?|base_\d{8}_\d{6}\.tar)\.[a-z0-9.]+|coverage\.json)$")
+
+
+def mutable(name: str) -> bool:
+    return name == "coverage.json" or ".partial." in name
 
 
 def _local_files(spec: Spec, db: DatabaseSpec, area: str) -> dict[str, int]:
@@ -881,7 +959,8 @@ def ship(spec: Spec, db: DatabaseSpec, dest_names: list[str] | None = None) -> l
                     relative = f"{db.name}/{area}"
                     local = _local_files(spec, db, area)
                     remote = dest.list_files(relative)
-                    missing = [n for n, size in sorted(local.items()) if remote.get(n) != size]
+                    # the partial snapshot and the coverage note change in place: always sent (rsync sends the delta)
+                    missing = [n for n, size in sorted(local.items()) if remote.get(n) != size or mutable(n)]
                     data = [n for n in missing if not n.endswith((".json", ".sha256"))]
                     records = [n for n in missing if n.endswith((".json", ".sha256"))]
                     for batch in (data, records):  # a record never arrives before its file

@@ -86,8 +86,11 @@ def archive(source, tmp_path_factory):
     target = source.sql("SELECT clock_timestamp();")
     time.sleep(0.3)
     insert(source, "pitr_app", 21, 30)
+    time.sleep(0.3)
+    quiet = source.sql("SELECT clock_timestamp();")  # after the last commit, before the last --once
     source.sql("SELECT pg_switch_wal();")
     ok(ws.invoke("wal-receive", "--once"))
+    ws.quiet = quiet
     yield ws, target
     keyring.close()
 
@@ -142,6 +145,9 @@ def test_restore_to_a_time_between_commits_brings_back_exactly_what_was_committe
     latest = ok(ws.invoke("restore", "--to-latest", "--into", "pitr_latest", "--yes"))
     assert count(source, "pitr_latest") == 30
     assert "previous database kept" not in latest.stdout
+    # no commit after this time in the archive, which provably holds everything up to it: all 30
+    quiet = ok(ws.invoke("restore", "--to-time", ws.quiet, "--into", "pitr_quiet", "--yes"))
+    assert count(source, "pitr_quiet") == 30, quiet.stderr
     drill = ok(ws.invoke("drill", "--to-latest"))
     assert "pg: OK" in drill.stdout and "30 row(s)" in drill.stdout
     last = json.loads(ws.invoke("status", "--json").stdout)["databases"]["pg"]["last_drill"]
@@ -173,6 +179,11 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / f"{victim.name}.json", f"{victim}.json")
     result = copy.invoke("restore", "--to-time", beyond, "--into", "pitr_gap", "--yes")
     assert result.returncode == 2 and "is beyond the archive's end" in result.stderr
+    # no commit after the target in the archive, and no proof it holds everything up to it: refused
+    (copy.backup_dir / "pg" / "wal" / "archive" / "coverage.json").unlink()
+    result = copy.invoke("restore", "--to-time", ws.quiet, "--into", "pitr_gap", "--yes")
+    assert result.returncode == 1 and "known to be complete only up to an unknown time" in result.stderr
+    assert source.sql("SELECT count(*) FROM pg_database;") == before
     result = copy.invoke("restore", "--to-latest", "--into", "pitr_gap", "--yes", env={"PITR_PASSPHRASE": ""})
     assert result.returncode == 2 and "PITR_PASSPHRASE" in result.stderr  # encrypted WAL needs it: said first
     assert source.sql("SELECT count(*) FROM pg_database;") == before
