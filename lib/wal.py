@@ -993,7 +993,9 @@ def fetch_archive(spec: Spec, db: DatabaseSpec, dest_name: str, work: Path) -> S
 
     dest = destinations.get(spec, dest_name)
     if not hasattr(dest, "get_files"):
-        raise InputError(f"--from {dest_name}: {dest.type} destinations do not hold WAL archives yet (rsync does)")
+        raise InputError(
+            f"--from {dest_name}: {dest.type} destinations do not hold WAL archives yet (rsync and sftp do)"
+        )
     with dest:
         for area in AREAS:
             target = store.ensure_dir(work / db.name / area)

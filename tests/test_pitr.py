@@ -189,7 +189,17 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     assert source.sql("SELECT count(*) FROM pg_database;") == before
 
 
-def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, archive, tmp_path):
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    from tests.sshd import SshServer
+
+    server = SshServer(tmp_path_factory.mktemp("pitr-sshd")).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("kind", ["rsync", "sftp"])
+def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, archive, tmp_path, kind, request):
     from datetime import timedelta
 
     from lib import store, wal
@@ -200,7 +210,22 @@ def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, arc
     nas = tmp_path / "nas"
     nas.mkdir()
     config = yaml.safe_load(ws.config.read_text())
-    config["destinations"] = [{"name": "nas", "type": "rsync", "target": str(nas)}]
+    if kind == "rsync":  # a local directory (a NAS mount)
+        config["destinations"] = [{"name": "nas", "type": "rsync", "target": str(nas)}]
+    else:
+        server = request.getfixturevalue("sshd")
+        config["destinations"] = [
+            {
+                "name": "nas",
+                "type": "sftp",
+                "host": "127.0.0.1",
+                "port": server.port,
+                "user": server.user,
+                "path": str(nas),
+                "identity_file": str(server.user_key),
+                "known_hosts": str(server.known_hosts),
+            }
+        ]
     copy.write_config(config)
     copy.env["PITR_PASSPHRASE"] = PASSPHRASE
     shutil.copytree(ws.backup_dir, copy.backup_dir)
@@ -218,9 +243,9 @@ def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, arc
     for area in ("archive", "base"):
         assert names(nas / "pg" / "wal" / area) == names(copy.backup_dir / "pg" / "wal" / area)
     shutil.rmtree(copy.backup_dir / "pg" / "wal")  # the backup host lost its archive
-    result = ok(copy.invoke("restore", "--to-latest", "--from", "nas", "--into", "pitr_from_nas", "--yes"))
+    result = ok(copy.invoke("restore", "--to-latest", "--from", "nas", "--into", f"pitr_from_{kind}", "--yes"))
     assert "from off-site destination nas" in result.stdout
-    assert count(source, "pitr_from_nas") == 30
+    assert count(source, f"pitr_from_{kind}") == 30
 
 
 def test_retention_keeps_every_segment_a_kept_base_needs(source, archive, tmp_path):
