@@ -699,6 +699,12 @@ def base_backup(spec: Spec, db: DatabaseSpec) -> dict[str, Any]:
     crypto.preflight(spec)
     conn = connection(spec, db)
     info = preflight(conn, db)
+    slot = settings(db)["slot"]
+    if slot_lag_bytes(conn, slot) is None:
+        raise InputError(
+            f"{db.name}: replication slot {slot} does not exist: start invoke wal-receive --db {db.name} first "
+            "(a base backup without the WAL after it cannot be restored to a point in time)"
+        )
     if info.tablespaces:
         raise InputError(
             f"{db.name}: the server has {info.tablespaces} tablespace(s) besides pg_default; base backups here "

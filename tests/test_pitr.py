@@ -123,6 +123,9 @@ def test_preflight_names_what_the_server_lacks(source, tmp_path):
     assert "pg_hba.conf has no replication line for user postgres from 127.0.0.1" in result.stderr
     assert "'host replication postgres 127.0.0.1/32 scram-sha-256'" in result.stderr
     assert source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';") == "0"
+    result = ws.invoke("wal-base")
+    assert result.returncode == 2 and "slot lemon_backup_pg does not exist: start invoke wal-receive" in result.stderr
+    assert not list((ws.backup_dir / "pg" / "wal" / "base").glob("base_*"))
     config["databases"]["pg"].pop("wal")
     ws.write_config(config)
     result = ws.invoke("wal-receive")
