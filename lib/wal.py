@@ -948,7 +948,7 @@ def _local_files(spec: Spec, db: DatabaseSpec, area: str) -> dict[str, int]:
 
 
 def ship(spec: Spec, db: DatabaseSpec, dest_names: list[str] | None = None) -> list[str]:
-    """Bring every destination that takes plain files (rsync) up to date with the WAL archive and
+    """Bring every destination (rsync, sftp, S3: those with put_files) up to date with the WAL archive and
     base backups: upload what it lacks (each data file before its record), delete what was pruned
     here (only files named like ours). Never raises for a destination; returns the failures."""
     from lib import destinations
@@ -999,9 +999,7 @@ def fetch_archive(spec: Spec, db: DatabaseSpec, dest_name: str, work: Path) -> S
 
     dest = destinations.get(spec, dest_name)
     if not hasattr(dest, "get_files"):
-        raise InputError(
-            f"--from {dest_name}: {dest.type} destinations do not hold WAL archives yet (rsync and sftp do)"
-        )
+        raise InputError(f"--from {dest_name}: {dest.type} destinations do not hold WAL archives")
     with dest:
         for area in AREAS:
             target = store.ensure_dir(work / db.name / area)

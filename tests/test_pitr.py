@@ -201,7 +201,16 @@ def sshd(tmp_path_factory):
     server.stop()
 
 
-@pytest.mark.parametrize("kind", ["rsync", "sftp"])
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from tests.s3server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("kind", ["rsync", "sftp", "s3"])
 def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, archive, tmp_path, kind, request):
     from datetime import timedelta
 
@@ -213,8 +222,27 @@ def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, arc
     nas = tmp_path / "nas"
     nas.mkdir()
     config = yaml.safe_load(ws.config.read_text())
+    server = None
     if kind == "rsync":  # a local directory (a NAS mount)
         config["destinations"] = [{"name": "nas", "type": "rsync", "target": str(nas)}]
+    elif kind == "s3":
+        server = request.getfixturevalue("s3")
+        server.client().create_bucket(Bucket="pitr-archive")
+        copy.env.update({"S3_KEY_ID": "AKIAPITRTEST", "S3_SECRET": "pitr-secret"})
+        config["destinations"] = [
+            {
+                "name": "nas",
+                "type": "s3",
+                "bucket": "pitr-archive",
+                "prefix": "lemon",
+                "endpoint_url": server.url,
+                "region": "us-east-1",
+                "access_key_env": "S3_KEY_ID",
+                "secret_key_env": "S3_SECRET",
+                "part_size_mib": 5,
+                "retries": 0,
+            }
+        ]
     else:
         server = request.getfixturevalue("sshd")
         config["destinations"] = [
@@ -236,15 +264,21 @@ def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, arc
     def names(directory: Path) -> list[str]:
         return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
 
+    def remote(area: str) -> list[str]:
+        if kind != "s3":
+            return names(nas / "pg" / "wal" / area)
+        listing = server.client().list_objects_v2(Bucket="pitr-archive", Prefix=f"lemon/pg/wal/{area}/")
+        return sorted(item["Key"].rsplit("/", 1)[1] for item in listing.get("Contents", []))
+
     ok(copy.invoke("offsite"))
     for area in ("archive", "base"):
-        assert names(nas / "pg" / "wal" / area) == names(copy.backup_dir / "pg" / "wal" / area)
+        assert remote(area) == names(copy.backup_dir / "pg" / "wal" / area)
     spec = load_spec(copy.config, environ={"PITR_PASSPHRASE": PASSPHRASE})
     gone = wal.prune(spec, spec.databases["pg"], now=store.utcnow() + timedelta(days=30))
     assert gone["bases"] and gone["segments"]
     ok(copy.invoke("offsite"))  # what was pruned here goes there too
     for area in ("archive", "base"):
-        assert names(nas / "pg" / "wal" / area) == names(copy.backup_dir / "pg" / "wal" / area)
+        assert remote(area) == names(copy.backup_dir / "pg" / "wal" / area)
     shutil.rmtree(copy.backup_dir / "pg" / "wal")  # the backup host lost its archive
     result = ok(copy.invoke("restore", "--to-latest", "--from", "nas", "--into", f"pitr_from_{kind}", "--yes"))
     assert "from off-site destination nas" in result.stdout
