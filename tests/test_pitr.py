@@ -454,3 +454,38 @@ def test_setup_cron_systemd_installs_the_receiver_and_a_weekly_base_backup(tmp_p
     assert f"wal-receive --db main.db --config {ws.config}" in receiver
     assert "slot lemon_backup_main_db" in receiver
     assert "lemon-backup-wal-main.db.service lemon-backup-wal-base-main.db.timer" in result.stdout
+
+
+def test_s3_plain_files_multipart_and_never_over_a_foreign_object(s3, tmp_path):
+    """The S3 side of the WAL archive's copies on its own: a file above the part size goes up in
+    parts and comes back identical; an object there not written by the tool is never replaced."""
+    from lib.config import load_spec
+    from lib.destinations import configured
+    from lib.destinations.base import DestinationRefused
+
+    s3.client().create_bucket(Bucket="pitr-parts")
+    block = {"name": "cloud", "type": "s3", "bucket": "pitr-parts", "endpoint_url": s3.url, "region": "us-east-1"}
+    block.update(access_key_env="S3_KEY_ID", secret_key_env="S3_SECRET", part_size_mib=5, retries=0)
+    db = {"engine": "postgres", "database": "x", "host": "127.0.0.1"}
+    (tmp_path / "backup.yml").write_text(
+        yaml.safe_dump({"version": 1, "databases": {"pg": db}, "destinations": [block]})
+    )
+    spec = load_spec(tmp_path / "backup.yml", environ={"S3_KEY_ID": "AKIAPITR", "S3_SECRET": "s"})
+    area = tmp_path / "pg" / "wal" / "base"
+    area.mkdir(parents=True)
+    big = os.urandom(11 << 20)
+    (area / "base_20261201_000000.tar.gz").write_bytes(big)
+    (dest,) = configured(spec)
+    with dest:
+        dest.put_files(tmp_path, "pg/wal/base", ["base_20261201_000000.tar.gz"])
+        assert dest.list_files("pg/wal/base") == {"base_20261201_000000.tar.gz": len(big)}
+        back = tmp_path / "back"
+        back.mkdir()
+        dest.get_files("pg/wal/base", back)
+        assert (back / "base_20261201_000000.tar.gz").read_bytes() == big
+        s3.client().put_object(Bucket="pitr-parts", Key="pg/wal/base/coverage.json", Body=b"theirs")
+        (area / "coverage.json").write_text("{}")
+        with pytest.raises(DestinationRefused, match="not written by this tool"):
+            dest.put_files(tmp_path, "pg/wal/base", ["coverage.json"])
+    body = s3.client().get_object(Bucket="pitr-parts", Key="pg/wal/base/coverage.json")["Body"].read()
+    assert body == b"theirs"
