@@ -71,6 +71,11 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
         "for a server that lacks the backup's roles; as pg_restore --no-owner.",
         "no_privileges": "Leave out GRANT/REVOKE and default privileges (and the database's own), for a server "
         "that lacks the roles they name; as pg_restore --no-privileges.",
+        "to_time": "postgres with wal enabled: restore the database as it was at this time, e.g. "
+        "'2026-12-01 10:42:00+09:00' (no offset: this host's time), from the newest base backup before it plus "
+        "the archived WAL, replayed in a throwaway cluster (docs/pitr.md).",
+        "to_latest": "postgres with wal enabled: as --to-time, to the newest point the WAL archive holds. With "
+        "--from DEST, the WAL archive and base backups are read from that (rsync) destination.",
     },
 )
 @guarded
@@ -90,8 +95,30 @@ def restore(
     no_owner=False,
     no_privileges=False,
     delete_extra=False,
+    to_time=None,
+    to_latest=False,
 ):
     """Verify a backup, then restore it safely: into a new database, checked, then swapped in."""
+    if (to_time or to_latest) and delete_extra:
+        raise InputError("--delete-extra is for bucket restores (--engine s3); drop it with --to-time/--to-latest")
+    if to_time or to_latest:
+        return restore_point(
+            engine,
+            file,
+            db,
+            into,
+            yes,
+            drop_previous,
+            all,
+            from_,
+            wait,
+            config,
+            to_time,
+            to_latest,
+            no_owner,
+            no_privileges,
+            force_target,
+        )
     if all:
         return restore_latest(engine, file, db, into, yes, drop_previous, all, from_, wait, config)
     if not engine or not file:
@@ -223,6 +250,129 @@ def demo(c, keep=False):
 # -- operations: status, drills, disaster recovery, scheduling ---------------------------------
 
 
+def restore_point(
+    engine,
+    file,
+    db,
+    into,
+    yes,
+    drop_previous,
+    all,
+    from_,
+    wait,
+    config,
+    to_time,
+    to_latest,
+    no_owner,
+    no_privileges,
+    force_target,
+):
+    """restore --to-time / --to-latest: a point in time from base backups + archived WAL (lib/pitr.py)."""
+    from lib import pitr, wal
+
+    if to_time and to_latest:
+        raise InputError("pass --to-time TIME or --to-latest, not both")
+    if file or all:
+        raise InputError("--to-time/--to-latest restore from the WAL archive; drop --file and --all")
+    if engine not in (None, "postgres"):
+        raise InputError("--to-time/--to-latest are for --engine postgres")
+    target = pitr.parse_target(to_time) if to_time else None
+    spec = spec_and_log(config)
+    item = wal.require_enabled(spec, db)
+    ask = confirm_on_terminal(yes)
+    with locked(spec, f"restore {item.name} to a point in time", wait):
+        summary = pitr.restore_to_point(
+            spec,
+            item,
+            target,
+            into=into,
+            drop_previous=drop_previous,
+            confirm=ask,
+            no_owner=no_owner,
+            no_privileges=no_privileges,
+            force_target=force_target,
+            source=from_,
+        )
+    print(f"replayed {summary['plan']}" + (f" (from off-site destination {from_})" if from_ else ""))
+    point = summary["recovery_point"] or "the base backup itself (no transaction after it)"
+    print(f"recovery point reached: {point} (last replayed commit)")
+    print(
+        f"restored {item.name} into {summary['target']}"
+        + (f"; previous database kept as {summary['previous']}" if summary.get("previous") else "")
+    )
+
+
+def drill_wal(db, from_, local_server, config):
+    """drill --to-latest: base backup + WAL replayed in a throwaway cluster (lib/pitr.py)."""
+    from lib import pitr, wal
+
+    if from_ or local_server:
+        raise InputError("--to-latest replays the local WAL archive in a throwaway cluster; drop --from/--local-server")
+    spec = spec_and_log(config)
+    names = db or [d.name for d in spec.databases.values() if wal.enabled(d)]
+    if not names:
+        raise InputError("no database has 'wal: {enabled: true}'; nothing to drill with --to-latest")
+    failed = []
+    for name in names:
+        item = wal.require_enabled(spec, name)
+        report = pitr.drill_to_latest(spec, item)
+        if not report["ok"]:
+            failed.append(f"{name}: {report['error']}")
+            continue
+        print(
+            f"{name}: OK: {report['plan']}; recovered to {report['recovery_point'] or 'the base backup'}; "
+            f"{report['tables']} table(s), {report['rows']} row(s) ({report['seconds']}s)"
+        )
+    if failed:
+        raise Exit("FAILED: " + "; ".join(failed), code=1)
+
+
+@task(
+    name="wal-receive",
+    help={
+        "db": "The database (name under 'databases:') whose WAL to archive; default: the only one with wal enabled.",
+        "once": "Receive up to the server's current WAL position, archive it, store the partial segment and exit "
+        "(for tests, cron, or a catch-up); without it the receiver runs until SIGTERM.",
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def wal_receive(c, db=None, once=False, config=None):
+    """Stream WAL with pg_receivewal (its own replication slot) and archive each completed segment: compressed, encrypted, verified."""
+    from lib import wal
+
+    spec = spec_and_log(config)
+    item = wal.require_enabled(spec, db)
+    result = wal.receive(spec, item, once=once)
+    stored = result["stored"]
+    print(
+        f"{item.name}: archived {len(stored)} WAL segment(s)"
+        + (f" ({stored[0]} .. {stored[-1]})" if stored else "")
+        + (f"; partial segment {result['partial']} stored" if result["partial"] else "")
+        + (f"; stopped by {result['stopped_by']}" if result["stopped_by"] else "")
+    )
+
+
+@task(
+    name="wal-base",
+    help={
+        "db": "The database (name under 'databases:'); default: the only one with wal enabled.",
+        "wait": WAIT_HELP,
+        "config": CONFIG_HELP,
+    },
+)
+@guarded
+def wal_base(c, db=None, wait=None, config=None):
+    """Take a verified base backup (pg_basebackup) for point-in-time recovery, then prune old base backups and the WAL only they needed."""
+    from lib import wal
+
+    spec = spec_and_log(config)
+    item = wal.require_enabled(spec, db)
+    with locked(spec, f"wal-base {item.name}", wait):
+        record = wal.base_backup(spec, item)
+    print(f"{item.name}: base backup {record['file']} verified (starts at WAL segment {record['start_segment']})")
+
+
 def restore_latest(engine, file, db, into, yes, drop_previous, all, from_, wait, config):
     """restore --all (every database) or --from DEST (one database): the newest verified backup."""
     from lib.drill import fetcher
@@ -312,15 +462,19 @@ def doctor(c, db=None, wait=None, config=None):
         "db": "Drill only this database; repeatable (default: every database).",
         "from_": "Fetch the newest verified backup from this off-site destination instead of using the local one.",
         "local_server": "PostgreSQL: restore into a throwaway cluster started on this host (initdb), not the live server.",
+        "to_latest": "PostgreSQL with wal enabled: prove the newest base backup plus the archived WAL replay to the "
+        "archive's end in a throwaway cluster and dump the database from it (no server is touched).",
         "wait": WAIT_HELP,
         "config": CONFIG_HELP,
     },
 )
 @guarded
-def drill(c, db=None, from_=None, local_server=False, wait=None, config=None):
+def drill(c, db=None, from_=None, local_server=False, to_latest=False, wait=None, config=None):
     """Prove restorability: restore the newest verified backup into a throwaway database, compare row counts, drop it."""
     from lib.drill import run_drills, summary
 
+    if to_latest:
+        return drill_wal(db, from_, local_server, config)
     spec = spec_and_log(config)
     databases = spec.select(db)
     with locked(spec, "drill", wait, tidy=not local_server):  # --local-server: the live server is not used
@@ -352,7 +506,14 @@ def setup_cron(c, systemd=False, install=False, remove=False, dry_run=False, con
         if install:
             for path in schedule.install_systemd(spec):
                 print(f"wrote {path}")
-            print(f"now run: systemctl daemon-reload && systemctl enable --now {schedule.UNIT}.timer")
+            extra = [
+                n
+                for n in schedule.wal_units(spec)
+                if not n.startswith(f"{schedule.UNIT}-wal-base-") or n.endswith(".timer")
+            ]
+            print(
+                f"now run: systemctl daemon-reload && systemctl enable --now {' '.join([f'{schedule.UNIT}.timer', *extra])}"
+            )
             return
         for name, text in schedule.systemd_units(spec).items():
             print(f"# /etc/systemd/system/{name}\n{text}")
@@ -406,6 +567,10 @@ def adopt(c, db=None, dry_run=False, config=None):
         "while uploading 2, 10 and 30 times the S3 part size (tests/bench_destinations.py).",
         "bucket_mb": "Instead, measure bucket backups (engine s3) of this many MiB of mixed media on a local S3 server: "
         "full backup and restore against aws s3 sync, an incremental after 1% changed (benchmarks/bench_buckets.py).",
+        "pitr_mb": "Instead, measure point-in-time recovery on a throwaway cluster with a database of this many MB "
+        "(benchmarks/bench_pitr.py): seconds of commits lost at --to-latest after a server crash (synchronous "
+        "receiver or not, and a killed receiver), WAL archive size per GB written, restore to a time vs a dump restore.",
+        "pitr_seconds": "With --pitr-mb: seconds of steady writes per scenario (default 20).",
     },
 )
 def bench(
@@ -421,6 +586,8 @@ def bench(
     drop=False,
     destinations_mb=0,
     bucket_mb=0,
+    pitr_mb=0,
+    pitr_seconds=20,
 ):
     """Benchmark old scripts vs this tool vs the pg_dump floor; prints medians and ratios (see docs/benchmarks.md)."""
     import subprocess
@@ -430,6 +597,10 @@ def bench(
     if int(bucket_mb):
         script = Path(__file__).parent / "benchmarks" / "bench_buckets.py"
         raise Exit(code=subprocess.call([sys.executable, str(script), str(int(bucket_mb))]))
+    if int(pitr_mb):
+        script = Path(__file__).parent / "benchmarks" / "bench_pitr.py"
+        argv = [sys.executable, str(script), "--size-mb", str(int(pitr_mb)), "--seconds", str(float(pitr_seconds))]
+        raise Exit(code=subprocess.call(argv))
     if int(destinations_mb):
         script = Path(__file__).parent / "tests" / "bench_destinations.py"
         raise Exit(code=subprocess.call([sys.executable, str(script), str(int(destinations_mb))]))
@@ -491,6 +662,11 @@ def offsite(c, dest=None, db=None, dry_run=False, wait=None, config=None):
         raise InputError(f"{spec.config_path} has no destinations; add one under 'destinations:' (see docs/offsite.md)")
     with locked(spec, "offsite", wait):
         failures = sync(spec, spec.select(db), dest or None, dry_run=dry_run)
+        if not dry_run:  # point-in-time recovery: the WAL archive and base backups too (catch-up)
+            from lib import wal
+
+            for item in (d for d in spec.select(db) if wal.enabled(d)):
+                failures += wal.ship(spec, item, dest or None)
         if not dry_run:
             after_prune(spec)  # copies and remote deletions change the destination-lag metrics
     if failures:

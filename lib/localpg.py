@@ -39,8 +39,12 @@ class Cluster:
 
     superuser = "postgres"  # the role initdb creates (-U) and the tool connects as
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, listen: str = "", initdb_args: tuple[str, ...] = ()) -> None:
+        """``listen``: listen_addresses (default none: the socket only); ``initdb_args``: extra
+        initdb flags (e.g. --wal-segsize=1 for a test source of WAL)."""
         self.root = root
+        self.listen = listen
+        self.initdb_args = initdb_args
         self.data = root / "pgdata"
         self.sock = root / "sock"
         self.port = _free_port()
@@ -59,8 +63,22 @@ class Cluster:
             shutil.chown(self.root, "postgres")
             shutil.chown(self.sock, "postgres")
             os.chmod(self.root, 0o700)
-        self._run([_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
-        options = f"-p {self.port} -k {self.sock} -c listen_addresses='' -c fsync=off"
+        self._run(
+            [
+                _pg_bin("initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                *self.initdb_args,
+            ]
+        )
+        options = f"-p {self.port} -k {self.sock} -c listen_addresses='{self.listen}' -c fsync=off"
         self._run(
             [_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l", str(self.root / "server.log"), "start"]
         )

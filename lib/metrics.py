@@ -37,6 +37,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "last_drill_success": ("gauge", "1 when the last restore drill passed, 0 when it failed."),
     "last_drill_restore_duration_seconds": ("gauge", "Time the last restore drill took to restore and check."),
     "last_drill_success_timestamp_seconds": ("gauge", "When a restore drill last passed (Unix time)."),
+    "wal_seconds_since_last_segment": ("gauge", "Seconds since the newest WAL segment was archived."),
+    "wal_receiver_up": ("gauge", "1 when the WAL receiver's heartbeat is fresh (invoke wal-receive runs)."),
+    "wal_slot_lag_bytes": ("gauge", "WAL the server keeps for the receiver's replication slot, in bytes."),
+    "wal_base_backup_age_seconds": ("gauge", "Age of the newest base backup for point-in-time recovery."),
 }
 
 
@@ -83,6 +87,12 @@ def samples(report: dict[str, Any]) -> dict[str, list[tuple[dict[str, str], floa
             add("last_drill_restore_duration_seconds", db, drill.get("restore_seconds"))
         passed = entry["last_successful_drill"]
         add("last_drill_success_timestamp_seconds", db, _ts(passed.get("at")) if passed else None)
+        block = entry.get("wal")
+        if block:
+            add("wal_seconds_since_last_segment", db, block["seconds_since_last_segment"])
+            add("wal_receiver_up", db, 1 if block["receiver_running"] else 0)
+            add("wal_slot_lag_bytes", db, block["slot_lag_bytes"])
+            add("wal_base_backup_age_seconds", db, block["newest_base_age_seconds"])
     return out
 
 

@@ -186,7 +186,69 @@ Unit={UNIT}.service
 [Install]
 WantedBy=timers.target
 """
-    return {f"{UNIT}.service": service, f"{UNIT}.timer": timer}
+    units = {f"{UNIT}.service": service, f"{UNIT}.timer": timer}
+    units.update(wal_units(spec))
+    return units
+
+
+def wal_units(spec: Spec) -> dict[str, str]:
+    """For each database with ``wal: {enabled: true}``: a long-running service for invoke
+    wal-receive (restarted when it stops; SIGTERM stops it cleanly) and a weekly base backup
+    (service + timer)."""
+    from lib import wal
+
+    units: dict[str, str] = {}
+    for db in spec.databases.values():
+        if not wal.enabled(db):
+            continue
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", db.name)
+
+        def start(task: str, name: str = db.name) -> str:
+            argv = [str(invoke_path()), task, "--db", name, "--config", str(spec.config_path)]
+            return " ".join(_systemd_quote(a) for a in argv)
+
+        units[f"{UNIT}-wal-{name}.service"] = f"""[Unit]
+Description=lemon-backup: stream the WAL of {db.name} (pg_receivewal, slot {wal.settings(db)["slot"]})
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+User={getpass.getuser()}
+WorkingDirectory={PROJECT}
+ExecStart={start("wal-receive")}
+Restart=always
+RestartSec=10
+KillSignal=SIGTERM
+TimeoutStopSec=120
+
+[Install]
+WantedBy=multi-user.target
+"""
+        units[f"{UNIT}-wal-base-{name}.service"] = f"""[Unit]
+Description=lemon-backup: base backup of {db.name} for point-in-time recovery
+
+[Service]
+Type=oneshot
+User={getpass.getuser()}
+WorkingDirectory={PROJECT}
+ExecStart={start("wal-base")}
+Nice=10
+IOSchedulingClass=best-effort
+IOSchedulingPriority=7
+"""
+        units[f"{UNIT}-wal-base-{name}.timer"] = f"""[Unit]
+Description=lemon-backup: weekly base backup of {db.name}
+
+[Timer]
+OnCalendar=weekly
+Persistent=true
+Unit={UNIT}-wal-base-{name}.service
+
+[Install]
+WantedBy=timers.target
+"""
+    return units
 
 
 def install_systemd(spec: Spec) -> list[Path]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from lib import history, store
+from lib import history, store, wal
 from lib.config import DatabaseSpec, Spec
 
 FORMAT = 1
@@ -89,6 +89,10 @@ def database_status(
         problems.append(f"{db.name}: last restore drill failed: {drill.get('error', 'unknown error')}")
     for item in leftovers or []:
         problems.append(f"{db.name}: leftover {item['what']}; remove it with: {item['command']}")
+    wal_block = None
+    if wal.enabled(db):
+        wal_block, wal_problems = wal.status(spec, db, now)
+        problems += wal_problems
     return {
         "name": db.name,
         "engine": db.engine,
@@ -104,6 +108,7 @@ def database_status(
         "last_drill": drill,
         "last_successful_drill": passed,
         "leftovers": leftovers,
+        "wal": wal_block,
         "problems": problems,
     }
 
@@ -148,6 +153,16 @@ def _backup_line(label: str, entry: dict[str, Any] | None) -> str:
     )
 
 
+def _wal_line(block: dict[str, Any]) -> str:
+    since = block["seconds_since_last_segment"]
+    last = f"{block['last_segment']} {store.human_age(timedelta(seconds=since))} ago" if since is not None else "none"
+    lag = store.human_size(block["slot_lag_bytes"]) if block["slot_lag_bytes"] is not None else "unknown"
+    return (
+        f"  wal: receiver {'running' if block['receiver_running'] else 'NOT running'}, last segment {last}, "
+        f"slot {block['slot']} lag {lag}, {block['base_backups']} base backup(s)"
+    )
+
+
 def render_text(report: dict[str, Any]) -> str:
     """Human-readable status, one block per database."""
     lines = []
@@ -179,6 +194,8 @@ def render_text(report: dict[str, Any]) -> str:
         elif drill and drill["ok"]:
             text += f" (restore {drill.get('restore_seconds')}s, {drill.get('rows')} rows)"
         lines.append(f"  last drill: {text}")
+        if entry.get("wal"):
+            lines.append(_wal_line(entry["wal"]))
         lines += [f"  ! {problem}" for problem in entry["problems"]]
     lines += [f"! {problem}" for problem in report["problems"] if problem.startswith("leftover ")]
     lines.append(

@@ -71,6 +71,7 @@ DB_KEYS = {
     "last_drill",
     "last_successful_drill",
     "leftovers",
+    "wal",  # null unless wal.enabled (point-in-time recovery; tests/test_pitr.py)
     "problems",
 }
 BACKUP_KEYS = {"file", "path", "tier", "created", "age_seconds", "size", "verified", "encryption", "destinations"}
@@ -106,7 +107,7 @@ def test_status_exit_codes_and_json_shape_fresh_and_stale(workspace, sample_db):
     }
     assert report["format"] == 1 and report["ok"] is True and report["max_age_hours"] == 26
     entry = report["databases"]["pg"]
-    assert set(entry) == DB_KEYS
+    assert set(entry) == DB_KEYS and entry["wal"] is None
     assert set(entry["newest_verified"]) == BACKUP_KEYS
     assert entry["newest_verified"]["verified"] is True and entry["newest_verified"]["encryption"] == "none"
     assert entry["tiers"]["weekly"] is None and entry["tiers"]["daily"]["file"] == entry["newest_verified"]["file"]

@@ -410,6 +410,46 @@ class RsyncDestination(Destination):
         self._delete_in(relative, [remote.file, remote.file + ".sha256"])
         self._delete_in(relative, [remote.file + ".json"])
 
+    # -- plain files under <root>/<relative> (the WAL archive and base backups, lib/wal.py) ------
+
+    def put_files(self, base: Path, relative: str, names: list[str]) -> None:
+        """Upload ``base/relative/<name>`` for each name to ``<root>/relative/`` (rsync writes each
+        under a temporary name and renames it), then compare checksums. Raises DestinationFailed."""
+        self.preflight()
+        sources = [f"{base}/./{relative}/{name}" for name in names]
+        upload = ["-R", "-t", "--perms", "--chmod=D0700,F0600", f"--partial-dir={PARTIAL_DIR}", *sources]
+        self.upload_creating_root(upload, f"upload of {len(names)} file(s) to {relative}")
+        local = [str(base / relative / name) for name in names]
+        diff = self.run(
+            ["--checksum", "--dry-run", "--itemize-changes", *local, self.location(relative) + "/"],
+            f"checksum comparison in {relative}",
+        )
+        if diff and diff.strip():
+            raise DestinationFailed(f"{relative}: a copy differs from the local file ({diff.strip()[:80]})")
+
+    def list_files(self, relative: str) -> dict[str, int]:
+        """Plain files directly in ``<root>/relative/`` with their sizes ({} when it does not exist)."""
+        self.preflight()
+        out = self.run(["--list-only", "--no-human-readable", self.location(relative) + "/"], "listing", True)
+        files = {}
+        for line in (out or "").splitlines():
+            parts = line.split(None, 4)
+            if len(parts) == 5 and parts[0].startswith("-") and parts[1].isdigit():
+                files[parts[4]] = int(parts[1])
+        return files
+
+    def get_files(self, relative: str, local_dir: Path) -> None:
+        """Download every file of ``<root>/relative/`` into ``local_dir``."""
+        self.preflight()
+        self.run(
+            ["-r", "-t", "--chmod=F0600", self.location(relative) + "/", f"{local_dir}/"], f"download of {relative}"
+        )
+
+    def delete_files(self, relative: str, names: list[str]) -> None:
+        self.preflight()
+        if names:
+            self._delete_in(relative, names)
+
     def remove_leftovers(self, paths: Iterable[str]) -> None:
         self.preflight()
         by_dir: dict[str, list[str]] = {}

@@ -57,6 +57,7 @@ from lib.destinations.base import (
 )
 from lib.errors import VerificationFailed
 from lib.s3client import TOOL, S3Connection, error_code, real_version
+from lib.stream import sha256_file
 
 MIB = 1 << 20
 CHUNK = 1 << 20
@@ -403,6 +404,82 @@ class S3Destination(Destination):
             self._put_small(key + ".sha256", store.sha256_line(digest, name).encode(), retain, digest, same_ok=True)
             self._put_small(key + ".json", remote_record(backup, self.name, info), retain, digest)
             return info
+
+    # -- plain files under <prefix>/<relative> (the WAL archive and base backups, lib/wal.py) ---
+
+    def put_files(self, base: Path, relative: str, names: list[str]) -> None:
+        """Upload each ``base/relative/<name>`` to ``<prefix>/relative/<name>`` with our SHA256
+        checksums (multipart above the part size) and compare what arrived. An object already there
+        is replaced only when we wrote it (the partial segment and the coverage note change in
+        place); never a foreign one. No Object Lock on these: retention deletes old WAL."""
+        with self._mapped(f"upload to {relative}"):
+            client = self.client()
+            for name in names:
+                source = base / relative / name
+                key = self._key(relative, name)
+                local_sha = sha256_file(source)
+                existing = self._head(key)
+                if existing is not None:
+                    meta = existing.get("Metadata", {})
+                    if meta.get(META_TOOL) != TOOL:
+                        raise DestinationRefused(
+                            f"destination '{self.name}': {key} already exists and was not written by this tool; "
+                            "not overwriting it; move it away or use another prefix"
+                        )
+                    if meta.get(META_SHA) == local_sha and existing.get("ContentLength") == source.stat().st_size:
+                        continue
+                    self._delete_version(key, existing.get("VersionId"))
+                if source.stat().st_size > self.part_size:
+                    reader, done, ours, _ = self._multipart(source, key, local_sha, None, None)
+                    head = self._head(key, real_version(done.get("VersionId")), checksum=True) or {}
+                    checksum = (head.get("ChecksumSHA256") or "").split("-")[0]
+                    if checksum and checksum != ours or reader.hash.hexdigest() != local_sha:
+                        raise DestinationFailed(f"{name}: the stored object's checksum differs from the parts sent")
+                else:
+                    data = source.read_bytes()
+                    args = self._write_args(None)
+                    args["Metadata"] = {META_TOOL: TOOL, META_SHA: local_sha}
+                    client.put_object(
+                        Bucket=self.bucket,
+                        Key=key,
+                        Body=data,
+                        ChecksumAlgorithm="SHA256",
+                        ChecksumSHA256=b64(hashlib.sha256(data).digest()),
+                        **args,
+                    )
+                    head = self._head(key) or {}
+                if int(head.get("ContentLength", -1)) != source.stat().st_size:
+                    raise DestinationFailed(
+                        f"{name}: {head.get('ContentLength')} bytes arrived, expected {source.stat().st_size}"
+                    )
+
+    def list_files(self, relative: str) -> dict[str, int]:
+        """Objects directly under ``<prefix>/relative/`` with their sizes."""
+        with self._mapped("listing"):
+            prefix = self._key(relative) + "/"
+            return {
+                key[len(prefix) :]: int(item.get("Size", 0))
+                for key, item in self._list_objects(prefix).items()
+                if "/" not in key[len(prefix) :]
+            }
+
+    def get_files(self, relative: str, local_dir: Path) -> None:
+        """Download every object directly under ``<prefix>/relative/`` into ``local_dir``."""
+        names = self.list_files(relative)
+        with self._mapped(f"download of {relative}"):
+            for name in names:
+                body = self.client().get_object(Bucket=self.bucket, Key=self._key(relative, name))["Body"]
+                try:
+                    with open(local_dir / name, "wb") as handle:
+                        while chunk := body.read(CHUNK):
+                            handle.write(chunk)
+                finally:
+                    body.close()
+
+    def delete_files(self, relative: str, names: list[str]) -> None:
+        with self._mapped(f"deleting in {relative}"):
+            for name in names:
+                self._delete_version(self._key(relative, name), None)
 
     def _list_objects(self, prefix: str) -> dict[str, dict[str, Any]]:
         objects: dict[str, dict[str, Any]] = {}

@@ -381,6 +381,58 @@ class SftpDestination(Destination):
             for suffix in ("", ".sha256", ".json"):
                 self._remove(sftp, remote.path + suffix)
 
+    # -- plain files under <root>/<relative> (the WAL archive and base backups, lib/wal.py) ------
+
+    def put_files(self, base: Path, relative: str, names: list[str]) -> None:
+        """Upload each ``base/relative/<name>`` to ``<root>/relative/`` through a temporary name,
+        verify size and sha256 of what arrived, rename. Raises DestinationFailed."""
+        with self._mapped(f"upload to {relative}"):
+            sftp = self.connect()
+            directory = posixpath.join(self.root, relative)
+            self._makedirs(sftp, directory)
+            for name in names:
+                tmp = posixpath.join(directory, store.TEMP_PREFIX + name)
+                self._remove(sftp, tmp)
+                reader = self._upload(sftp, base / relative / name, tmp, None)
+                size = sftp.stat(tmp).st_size or 0
+                if size != reader.size:
+                    raise DestinationFailed(f"{name}: {size} bytes arrived, {reader.size} were sent")
+                digest, _ = self.remote_sha256(sftp, tmp, size)
+                if digest != reader.hash.hexdigest():
+                    raise DestinationFailed(f"{name}: the copy's sha256 differs from the local file")
+                self._replace(sftp, tmp, posixpath.join(directory, name))
+
+    def list_files(self, relative: str) -> dict[str, int]:
+        """Regular files directly in ``<root>/relative/`` (not our temporary ones) with their sizes."""
+        with self._mapped("listing"):
+            sftp = self.connect()
+            try:
+                entries = sftp.listdir_attr(posixpath.join(self.root, relative))
+            except FileNotFoundError:
+                return {}
+            return {
+                e.filename: e.st_size or 0
+                for e in entries
+                if stat.S_ISREG(e.st_mode or 0) and not e.filename.startswith(store.TEMP_PREFIX)
+            }
+
+    def get_files(self, relative: str, local_dir: Path) -> None:
+        """Download every file of ``<root>/relative/`` into ``local_dir``."""
+        names = self.list_files(relative)
+        with self._mapped(f"download of {relative}"):
+            sftp = self.connect()
+            for name in names:
+                target = local_dir / name
+                target.unlink(missing_ok=True)
+                with open(target, "xb") as handle:
+                    sftp.getfo(posixpath.join(self.root, relative, name), handle, prefetch=True)
+
+    def delete_files(self, relative: str, names: list[str]) -> None:
+        with self._mapped(f"deleting in {relative}"):
+            sftp = self.connect()
+            for name in names:
+                self._remove(sftp, posixpath.join(self.root, relative, name))
+
     def remove_leftovers(self, paths: Iterable[str]) -> None:
         with self._mapped("cleaning leftovers"):
             sftp = self.connect()
