@@ -213,7 +213,12 @@ class S3Connection:
                 f"{self.owner}: TLS check of {self.endpoint_url or 'the endpoint'} failed "
                 f"({self.scrub(str(exc))[:200]}); set ca_bundle to the CA certificate that signed it"
             ) from None
-        except (bx.ConnectionError, bx.HTTPClientError, bx.ReadTimeoutError, bx.ConnectTimeoutError) as exc:
+        except (bx.EndpointConnectionError, bx.ConnectTimeoutError):
+            raise self.transient(
+                f"{self.owner}: {what}: cannot connect to {self.endpoint_url or 'the S3 endpoint'}; "
+                "check endpoint_url (scheme, host, port) and that the server is up"
+            ) from None
+        except (bx.ConnectionError, bx.HTTPClientError, bx.ReadTimeoutError) as exc:
             raise self.transient(f"{what} ({where}): {self.scrub(str(exc))}") from None
         except bx.ParamValidationError as exc:
             raise self.refused(f"{self.owner}: {what}: {self.scrub(str(exc)).splitlines()[-1]}") from None
@@ -221,6 +226,8 @@ class S3Connection:
             raise self.transient(f"{what} ({where}): {exc.strerror or exc}") from None
 
     def credential_source(self) -> str:
-        if self.block.get("access_key_env"):
-            return f"in ${self.block['access_key_env']} and ${self.block.get('secret_key_env')}"
+        # a helper process gets the keys under fixed names; "env_names" holds the configured ones
+        names = self.block.get("env_names") or self.block
+        if names.get("access_key_env"):
+            return f"in ${names['access_key_env']} and ${names.get('secret_key_env')}"
         return f"of the AWS chain{' (profile ' + self.profile + ')' if self.profile else ''}"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, with_fixed_tier
 from s3server import S3Server
+from sshd import free_port
 
 from lib import store
 
@@ -419,3 +422,54 @@ def test_restore_refuses_a_bad_or_foreign_target_bucket_before_anything(workspac
     assert bad.returncode == 2 and "not a valid bucket name" in bad.stderr
     postgres_flag = run(workspace, "restore", "--engine", "postgres", "--file", "latest", "--delete-extra", "--yes")
     assert postgres_flag.returncode == 2 and "--delete-extra is for bucket restores" in postgres_flag.stderr
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth():
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0: every key is
+    unknown to it), in its own process: the module's server accepts any key."""
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_wrong_keys_and_an_unreachable_endpoint_are_one_line_naming_the_fix(workspace, s3, s3_with_auth):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=4, seed=3)
+    workspace.write_config(media_config(s3, bucket))
+    assert run(workspace, "backup", "--all").returncode == 0
+    [made] = [b.path for b in stored(workspace)]
+    dead = media_config(s3, bucket)
+    dead["databases"]["media"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (media_config(s3, bucket), s3_with_auth, "the server refused the credentials", "$MEDIA_KEY and $MEDIA_SECRET"),
+        (dead, None, "cannot connect to", "check endpoint_url"),
+    ]
+    for config, url, problem, fix in cases:
+        if url:
+            config["databases"]["media"]["endpoint_url"] = url
+        workspace.write_config(config)
+        for args in (
+            ("backup", "--all"),
+            ("restore", "--engine", "s3", "--file", str(made), "--into", "x-copy", "--yes"),
+        ):
+            result = run(workspace, *args)
+            text = result.stdout + result.stderr
+            assert result.returncode == 1, text
+            assert problem in text and fix in text, text
+            assert "Traceback" not in text and SECRET not in text and KEY_ID not in text, text

@@ -100,6 +100,8 @@ class S3Bucket(Engine):
         for key, fixed in SECRET_ENV.items():
             if db.options.get(key):
                 block[key] = fixed
+        # the configured variable names, for messages (the helper reads the fixed names)
+        block["env_names"] = {key: db.options[key] for key in SECRET_ENV if db.options.get(key)}
         return {
             "connection": block,
             "owner": f"database '{db.name}'",
@@ -296,13 +298,16 @@ class S3Bucket(Engine):
         import botocore.exceptions as bx
 
         client = conn.client()
-        with conn.mapped("look at the target bucket", passthrough=(bx.ClientError,)):
+        with conn.mapped("look at the target bucket"):  # other errors re-raised into mapped(): one line
             try:
                 client.head_bucket(Bucket=conn.bucket)
             except bx.ClientError as exc:
-                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 404:
                     return None
-                raise
+                if status != 403:
+                    raise
+                # a HEAD answer has no body: 403 is wrong keys or missing rights; the listing says which
         found: dict[str, tuple[int, str]] = {}
         with conn.mapped("list the target bucket"):
             for prefix in sorted(set(prefixes)):

@@ -160,7 +160,7 @@ def get_object(conn: Any, key: str) -> dict[str, Any] | None:
     """GetObject, or None when the object was deleted since the listing."""
     import botocore.exceptions as bx
 
-    with conn.mapped(f"read {key}", passthrough=(bx.ClientError,)):
+    with conn.mapped(f"read {key}"):  # any other error is re-raised into mapped(): one line
         try:
             return conn.client().get_object(Bucket=conn.bucket, Key=key)
         except bx.ClientError as exc:
