@@ -308,6 +308,8 @@ def run_backup(
             log.warning(
                 "%s: the backup holds no %s; is database '%s' the right one?", db.name, engine.units[0], db.database
             )
+        for warning in engine.warnings(db, meta):
+            log.warning("%s: %s", db.name, warning)
         record = {
             "format": store.RECORD_FORMAT,
             "tool": TOOL,
@@ -347,12 +349,11 @@ def run_backup(
         engine.abort_backup(db)
         raise
     log.info(
-        "%s: verified backup %s (%s, %s %s, %.1fs)",
+        "%s: verified backup %s (%s, %s, %.1fs)",
         db.name,
         p.path,
         store.human_size(result.size),
-        len(engine.counts(meta)),
-        engine.units[0],
+        engine.describe(meta),
         time.monotonic() - started,
     )
     return backup

@@ -328,6 +328,22 @@ def test_config_of_a_bucket_source(workspace, s3):
     assert ok.returncode == 0, ok.stderr  # the old scripts' variables name databases, not buckets
     unset = workspace.invoke("backup", "--db", "media", env={"MEDIA_KEY": KEY_ID})
     assert unset.returncode == 2 and "$MEDIA_SECRET" in unset.stderr
+    slash = media_config(s3, "lemon-media", prefixes=["/dm-voice/"])
+    workspace.write_config(slash)
+    refused = run(workspace, "validate")
+    assert refused.returncode == 2 and "'/dm-voice/': a key prefix such as dm-images/" in refused.stderr
+
+
+def test_a_prefix_that_holds_nothing_is_warned_about_and_counted_as_zero(workspace, s3):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=4, seed=5)
+    workspace.write_config(media_config(s3, bucket, prefixes=["dm-images/", "dm-voic/"]))
+    made = run(workspace, "backup", "--all")
+    assert made.returncode == 0, made.stderr
+    assert "prefix 'dm-voic/' of bucket" in made.stderr and "holds no objects" in made.stderr
+    assert "2 objects, " in made.stderr  # the log line counts objects and bytes
+    [backup] = stored(workspace)
+    assert backup.record["engine_meta"]["prefixes"] == {"dm-images/": 2, "dm-voic/": 0}
 
 
 def test_an_encrypted_incremental_restores_from_an_off_site_copy_with_its_chain(workspace, s3):

@@ -172,6 +172,14 @@ class Engine:
         ``check_summary`` returned."""
         return meta.get("tables", {})
 
+    def describe(self, meta: Mapping[str, Any]) -> str:
+        """What a verified backup holds, for its log line: e.g. '12 tables'."""
+        return f"{len(self.counts(meta))} {self.units[0]}"
+
+    def warnings(self, db: DatabaseSpec, meta: Mapping[str, Any]) -> list[str]:
+        """Things worth a warning in what a verified backup holds (e.g. an empty prefix)."""
+        return []
+
     def replace_note(self, drop_previous: bool) -> str:
         """What happens to the current target database, appended to the restore confirmation
         question, e.g. ' (the current one is kept as a *_pre_restore_* copy)'."""

@@ -239,6 +239,24 @@ class S3Bucket(Engine):
     def counts(self, meta: Mapping[str, Any]) -> Mapping[str, int]:
         return meta.get("prefixes") or {}
 
+    def describe(self, meta: Mapping[str, Any]) -> str:
+        """'240 objects, 1.2 MiB' (a full one), '+ 3 new or changed (4.0 KiB)' (an incremental)."""
+        text = f"{meta.get('objects', 0)} objects, {human(int(meta.get('bytes') or 0))}"
+        if meta.get("kind") == "incremental":
+            text += (
+                f"; {meta.get('stored_objects', 0)} new or changed stored ({human(int(meta.get('stored_bytes') or 0))})"
+            )
+        return text
+
+    def warnings(self, db: DatabaseSpec, meta: Mapping[str, Any]) -> list[str]:
+        """A configured prefix that holds nothing is most likely a typo (a backup of nothing)."""
+        return [
+            f"prefix '{prefix}' of bucket '{db.options['bucket']}' holds no objects; is it right "
+            "(keys are case-sensitive and have no leading '/'; compare with mc ls)?"
+            for prefix, count in self.counts(meta).items()
+            if count == 0
+        ]
+
     # -- restore -----------------------------------------------------------------------------
     def replace_note(self, drop_previous: bool) -> str:
         return ""
