@@ -103,7 +103,7 @@ def drill_one(
     place = engine.place(db, spec.env)
     result: dict[str, Any] = {"ok": False, "source": source or "local", "target": target, "server": server}
     started = time.monotonic()
-    log.info("%s: restore drill into throwaway database %s", db.name, target)
+    log.info("%s: restore drill into throwaway %s %s", db.name, engine.target_kind, target)
     try:
         with workdir(spec, needed=source is not None) as work:
             file_arg = locate(spec, db, source, work)
@@ -134,7 +134,7 @@ def drill_one(
     finally:
         dropped = engine.drop_database(db, place, target)
     if not dropped:
-        leftover = f"throwaway database {target} was left behind (could not drop it; see the warning above)"
+        leftover = f"throwaway {engine.target_kind} {target} was left behind (could not drop it; see the warning above)"
         result.update(ok=False, leftover=target)
         if result.get("error"):
             result["error"] += f"; {leftover}"

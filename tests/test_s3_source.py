@@ -303,7 +303,9 @@ def test_a_killed_backup_leaves_no_partial_backup(workspace, s3, how):
 def test_drill_restores_into_a_scratch_bucket_and_deletes_it(workspace, s3):
     bucket = s3.bucket()
     fill(s3, bucket, count=30, seed=9)
-    workspace.write_config(media_config(s3, bucket))
+    config = media_config(s3, bucket)
+    config["monitoring"] = {"prometheus_textfile": str(workspace.path / "media.prom")}
+    workspace.write_config(config)
     assert run(workspace, "backup", "--all").returncode == 0
     before = buckets(s3)
     drill = run(workspace, "drill")
@@ -315,6 +317,13 @@ def test_drill_restores_into_a_scratch_bucket_and_deletes_it(workspace, s3):
     assert "-drill-" in json.dumps(last)
     status = run(workspace, "status")
     assert status.returncode == 0, status.stdout + status.stderr
+    # a bucket is described by what it holds: objects and bytes, drills in objects (not rows)
+    assert "; 30 objects, " in status.stdout and "30 objects)" in status.stdout and "rows" not in status.stdout
+    newest = json.loads(run(workspace, "status", "--json").stdout)["databases"]["media"]["newest_verified"]
+    assert newest["objects"] == 30 and newest["bytes"] == sum(v[1] for v in snapshot(s3, bucket).values())
+    metrics = (workspace.path / "media.prom").read_text()
+    assert 'lemon_backup_last_objects{database="media"} 30' in metrics
+    assert f'lemon_backup_last_source_bytes{{database="media"}} {newest["bytes"]}' in metrics
 
 
 def test_config_of_a_bucket_source(workspace, s3):

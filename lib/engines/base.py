@@ -82,6 +82,8 @@ class Engine:
     host_binaries: tuple[str, ...] = ()
     #: what the engine counts, for log lines: (containers, items), e.g. ("tables", "rows")
     units: tuple[str, str] = ("tables", "rows")
+    #: what a restore writes into, for messages: "database" (a bucket source: "bucket")
+    target_kind = "database"
     #: True when a restore loads into a scratch database and touches the target only in a final
     #: step after calling ``RestoreRequest.gate``: the file is then verified alongside the load
     #: instead of before it (one pass less). False: verified first, then restored.

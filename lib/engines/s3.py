@@ -72,6 +72,7 @@ def split_target(target: str) -> tuple[str, str]:
 class S3Bucket(Engine):
     name = "s3"
     units = ("prefixes", "objects")
+    target_kind = "bucket"
     file_markers = (".tar",)
 
     # -- where and how to connect -------------------------------------------------------------
