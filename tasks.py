@@ -6,7 +6,7 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from lib import store
-from lib.backup import plan
+from lib.backup import dry_run_plan
 from lib.backup import prune as prune_db
 from lib.cli import confirm_on_terminal, guarded, parse_tier, spec_and_log
 from lib.config import load_spec
@@ -40,7 +40,7 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
     databases = spec.select(None if all else db)
     if dry_run:
         for item in databases:
-            print(plan(spec, item, tier).describe())
+            print(dry_run_plan(spec, item, tier).describe())
         return
     outcome = run_backups(spec, databases, tier, wait=wait)
     if outcome.exit_code:

@@ -45,9 +45,16 @@ class Plan:
     tier: str
     path: Path
     stages: list[str]
+    note: str = ""
 
     def describe(self) -> str:
-        return f"{self.db.name}: {self.tier} backup -> {self.path} via {' | '.join(self.stages)}"
+        return f"{self.db.name}: {self.tier} backup{self.note} -> {self.path} via {' | '.join(self.stages)}"
+
+
+def dry_run_plan(spec: Spec, db: DatabaseSpec, tier: str | None = None) -> Plan:
+    """The plan with what the engine can tell before it starts (full or incremental on what)."""
+    p = plan(spec, db, tier)
+    return replace(p, note=get_engine(db.engine).plan_note(spec, db, p.tier))
 
 
 def stored_suffix(spec: Spec, db: DatabaseSpec) -> str:

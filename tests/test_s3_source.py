@@ -108,10 +108,14 @@ def test_full_then_incrementals_and_every_point_restores_object_by_object(worksp
     workspace.write_config(media_config(s3, bucket))
     points = []
 
+    dry = run(workspace, "backup", "--all", "--dry-run")
+    assert dry.returncode == 0 and "daily backup (full: no earlier verified backup) ->" in dry.stdout, dry.stdout
     first = run(workspace, "backup", "--all")
     assert first.returncode == 0, first.stderr
     points.append(snapshot(s3, bucket))
     assert len(points[0]) == 241 and "other/not-backed-up.txt" not in points[0]
+    dry = run(workspace, "backup", "--all", "--dry-run")
+    assert f"daily backup (incremental on daily/{stored(workspace)[0].path.name}) ->" in dry.stdout, dry.stdout
 
     # adds, a changed content, a changed metadata (same content), deletes
     client.put_object(Bucket=bucket, Key="dm-images/새 사진.png", Body=b"\x89PNG new", ContentType="image/png")

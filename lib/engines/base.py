@@ -174,6 +174,10 @@ class Engine:
         ``check_summary`` returned."""
         return meta.get("tables", {})
 
+    def plan_note(self, spec: Any, db: DatabaseSpec, tier: str) -> str:
+        """Appended to the --dry-run line of a backup, e.g. ' (incremental on daily/backup_...)'."""
+        return ""
+
     def describe(self, meta: Mapping[str, Any]) -> str:
         """What a verified backup holds, for its log line: e.g. '12 tables'."""
         return f"{len(self.counts(meta))} {self.units[0]}"

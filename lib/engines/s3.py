@@ -139,13 +139,10 @@ class S3Bucket(Engine):
             "prefixes": list(db.options.get("prefixes") or []),
         }
 
-    def begin_backup(
-        self, spec: Spec, db: DatabaseSpec, tier: str, path: Path, tmp: Path
-    ) -> tuple[DatabaseSpec, dict[str, Any]]:
-        """Full or incremental (see the module docstring); the options of the dump and the
-        record's ``chain``."""
-        from dataclasses import replace
-
+    def chain_plan(
+        self, spec: Spec, db: DatabaseSpec, tier: str
+    ) -> tuple[str, store.Backup | None, list[store.Backup], str, str | None]:
+        """(kind, parent, its chain, why full, previous manifest) of a backup made now."""
         kind, parent, reason = "full", None, "incremental is off"
         previous_manifest = None
         chain: list[store.Backup] = []
@@ -175,6 +172,23 @@ class S3Bucket(Engine):
                     reason = f"no intact manifest copy of {parent.path.name} ({manifest.name})"
                 else:
                     kind, previous_manifest = "incremental", str(manifest)
+        return kind, parent, chain, reason, previous_manifest
+
+    def plan_note(self, spec: Spec, db: DatabaseSpec, tier: str) -> str:
+        """For --dry-run: ' (full: monthly tier)' or ' (incremental on daily/backup_...)'."""
+        kind, parent, _, reason, _ = self.chain_plan(spec, db, tier)
+        if kind == "incremental" and parent is not None:
+            return f" (incremental on {parent.tier}/{parent.path.name})"
+        return f" (full: {reason})"
+
+    def begin_backup(
+        self, spec: Spec, db: DatabaseSpec, tier: str, path: Path, tmp: Path
+    ) -> tuple[DatabaseSpec, dict[str, Any]]:
+        """Full or incremental (see the module docstring); the options of the dump and the
+        record's ``chain``."""
+        from dataclasses import replace
+
+        kind, parent, chain, reason, previous_manifest = self.chain_plan(spec, db, tier)
         if kind == "full" and db.options.get("incremental"):
             log.info("%s: full backup (%s)", db.name, reason)
         record: dict[str, Any] = {"kind": kind}
