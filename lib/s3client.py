@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import boto3
 import botocore.exceptions as bx
+import botocore.session
 from botocore.config import Config
+from botocore.parsers import DEFAULT_TIMESTAMP_PARSER, ResponseParserFactory
 
 from lib.config import Spec
 from lib.errors import ToolError
@@ -39,6 +42,18 @@ CREDENTIAL_CODES = {
     "TokenRefreshRequired",
 }
 REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "301", "IllegalLocationConstraintException"}
+
+
+def fast_timestamp(value: Any) -> Any:
+    """botocore's timestamp parser (dateutil's generic one) takes about 30 us a value: a third of
+    the client's time listing a bucket. Listings carry ISO 8601 UTC ('2026-12-02T03:19:11.000Z'),
+    which datetime parses directly (to the same aware UTC time); anything else goes to botocore's."""
+    if isinstance(value, str) and len(value) >= 20 and value[10:11] == "T" and value.endswith("Z"):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    return DEFAULT_TIMESTAMP_PARSER(value)
 
 
 def real_version(version: Any) -> str | None:
@@ -122,8 +137,12 @@ class S3Connection:
             kwargs["profile_name"] = self.profile
         if self.region:
             kwargs["region_name"] = self.region
+        core = botocore.session.get_session()
+        factory = ResponseParserFactory()
+        factory.set_parser_defaults(timestamp_parser=fast_timestamp)
+        core.register_component("response_parser_factory", factory)
         try:
-            return boto3.session.Session(**kwargs)
+            return boto3.session.Session(botocore_session=core, **kwargs)
         except bx.ProfileNotFound:
             raise self.refused(
                 f"{self.owner}: AWS profile '{self.profile}' not found in ~/.aws/config or "

@@ -502,3 +502,20 @@ def test_wrong_keys_and_an_unreachable_endpoint_are_one_line_naming_the_fix(work
             assert result.returncode == 1, text
             assert problem in text and fix in text, text
             assert "Traceback" not in text and SECRET not in text and KEY_ID not in text, text
+
+
+def test_the_fast_timestamp_parser_agrees_with_botocores():
+    from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+
+    from lib.s3client import fast_timestamp
+
+    for value in (
+        "2026-12-02T03:27:34.000Z",  # ListObjectsV2
+        "2026-12-02T03:27:34.123456Z",
+        "2026-12-02T03:27:34Z",
+        "Wed, 02 Dec 2026 03:27:34 GMT",  # Last-Modified header
+        "2026-12-02T03:27:34+09:00",
+        "1764645000",  # epoch seconds
+    ):
+        assert fast_timestamp(value) == DEFAULT_TIMESTAMP_PARSER(value), value
+    assert fast_timestamp("2026-12-02T03:27:34.000Z").utcoffset().total_seconds() == 0
