@@ -181,6 +181,8 @@ def list_(c, db=None, dest=None, config=None):
         for tier in store.TIERS:
             for b in (b for b in backups if b.tier == tier):
                 state = b.verification_text() + store.chain_text(b.record)
+                if store.depends_on(b.record) and store.chain_of(b, backups) is None:
+                    state += " (CHAIN BROKEN: a backup it builds on is missing; cannot be restored)"
                 print(
                     f"  {tier:<8} {b.path.name:<40} {store.human_size(b.record.get('size', 0)):>10} {store.human_age(now - b.created):>5} old  {state}"
                 )

@@ -87,6 +87,13 @@ def database_status(
             f"{db.name}: {len(invalid)} backup(s) with an invalid record, e.g. {invalid[0].record_path} "
             f"({invalid[0].problem}); fix the record or move the backup away"
         )
+    if newest is not None and store.chain_of(newest, backups) is None:
+        parent = store.depends_on(newest.record) or ("?", "?")
+        problems.append(
+            f"{db.name}: newest verified backup {newest.tier}/{newest.path.name} cannot be restored: it builds "
+            f"on {parent[0]}/{parent[1]}, which (or one before it) is missing; back up now "
+            f"(invoke backup --db {db.name}: with the chain broken it makes a full one)"
+        )
     destinations = {}
     for name in destination_names(spec):
         when = verified_at(newest, name) if newest else None

@@ -519,3 +519,21 @@ def test_the_fast_timestamp_parser_agrees_with_botocores():
     ):
         assert fast_timestamp(value) == DEFAULT_TIMESTAMP_PARSER(value), value
     assert fast_timestamp("2026-12-02T03:27:34.000Z").utcoffset().total_seconds() == 0
+
+
+def test_a_newest_backup_whose_chain_lost_a_file_is_a_problem_until_a_full_one_is_made(workspace, s3):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=4, seed=11)
+    workspace.write_config(media_config(s3, bucket))
+    for _ in range(3):
+        assert run(workspace, "backup", "--all").returncode == 0
+    full, middle, newest = stored(workspace)
+    assert (newest.record["chain"]["kind"], middle.record["chain"]["kind"]) == ("incremental", "incremental")
+    store.delete(middle)
+    listing = run(workspace, "list").stdout
+    assert listing.count("CHAIN BROKEN") == 1 and newest.path.name in listing.split("CHAIN BROKEN")[0].splitlines()[-1]
+    status = run(workspace, "status")
+    assert status.returncode == 1 and f"{newest.path.name} cannot be restored" in status.stdout, status.stdout
+    again = run(workspace, "backup", "--all")
+    assert again.returncode == 0 and "full backup (the chain of" in again.stderr, again.stderr
+    assert run(workspace, "status").returncode == 0
