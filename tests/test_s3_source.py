@@ -380,6 +380,8 @@ def test_an_encrypted_incremental_restores_from_an_off_site_copy_with_its_chain(
     expected = snapshot(s3, bucket)
     assert [b.path.name.endswith(".tar.zst.gpg") for b in stored(workspace)] == [True, True]
     assert stored(workspace)[1].record["chain"]["kind"] == "incremental"
+    listed = run(workspace, "list", "--dest", "nas").stdout
+    assert f"; incremental on daily/{stored(workspace)[0].path.name}" in listed and "; full" in listed, listed
     for backup in stored(workspace):  # the local backups are lost
         store.delete(backup)
     target = f"from-nas-{bucket}"
