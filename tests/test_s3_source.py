@@ -316,6 +316,7 @@ def test_drill_restores_into_a_scratch_bucket_and_deletes_it(workspace, s3):
     assert drill.returncode == 0, drill.stderr
     assert "drill PASSED" in drill.stderr and "30 objects" in drill.stderr
     assert buckets(s3) == before  # the scratch bucket is gone
+    assert not (workspace.backup_dir / "media" / "drill-scratch.json").exists()  # and so is its marker
     result = json.loads((workspace.backup_dir / "media" / "drills.json").read_text())
     last = result[-1] if isinstance(result, list) else result
     assert "-drill-" in json.dumps(last)
@@ -538,4 +539,24 @@ def test_a_newest_backup_whose_chain_lost_a_file_is_a_problem_until_a_full_one_i
     assert status.returncode == 1 and f"{newest.path.name} cannot be restored" in status.stdout, status.stdout
     again = run(workspace, "backup", "--all")
     assert again.returncode == 0 and "full backup (the chain of" in again.stderr, again.stderr
+    assert run(workspace, "status").returncode == 0
+
+
+def test_the_scratch_bucket_of_a_killed_drill_is_reported_and_deleted_by_doctor(workspace, s3):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=4, seed=13)
+    workspace.write_config(media_config(s3, bucket))
+    assert run(workspace, "backup", "--all").returncode == 0
+    # what a drill killed with SIGKILL halfway leaves: its marker and a half-filled scratch bucket
+    scratch = f"{bucket[:30].rstrip('.-')}-drill-20261201-020000"
+    s3.client().create_bucket(Bucket=scratch)
+    s3.client().put_object(Bucket=scratch, Key="dm-voice/메시지-0002.bin", Body=b"copy of a media file")
+    marker = workspace.backup_dir / "media" / "drill-scratch.json"
+    marker.write_text(json.dumps({"target": scratch, "started": "2026-12-01T02:00:00Z"}))
+    status = run(workspace, "status")
+    assert status.returncode == 1 and f"leftover scratch bucket {scratch} of an interrupted drill" in status.stdout
+    assert scratch in buckets(s3)  # status only reports
+    doctor = run(workspace, "doctor")
+    assert doctor.returncode == 0 and f"deleted scratch bucket {scratch}" in doctor.stderr, doctor.stderr
+    assert scratch not in buckets(s3) and not marker.exists()
     assert run(workspace, "status").returncode == 0

@@ -505,15 +505,22 @@ class S3Bucket(Engine):
             client = conn.client()
             if self.listing(conn, [""]) is None:
                 return True
-            with conn.mapped("delete the scratch bucket"):
-                for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
-                    batch = [
-                        {"Key": v["Key"], "VersionId": v["VersionId"]}
-                        for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
-                    ]
-                    if batch:
-                        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-                client.delete_bucket(Bucket=bucket)
+            for attempt in range(3):  # uploads of a killed drill still in flight land after a listing
+                try:
+                    with conn.mapped("delete the scratch bucket"):
+                        for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
+                            batch = [
+                                {"Key": v["Key"], "VersionId": v["VersionId"]}
+                                for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
+                            ]
+                            if batch:
+                                client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+                        client.delete_bucket(Bucket=bucket)
+                    break
+                except RunFailed as exc:
+                    if "BucketNotEmpty" not in str(exc) or attempt == 2:
+                        raise
+                    time.sleep(1)
         except (RunFailed, EnvironmentProblem) as exc:
             log.warning("%s: could not delete scratch bucket %s (%s); delete it by hand", db.name, bucket, exc)
             return False
