@@ -537,6 +537,8 @@ def test_a_newest_backup_whose_chain_lost_a_file_is_a_problem_until_a_full_one_i
     assert listing.count("CHAIN BROKEN") == 1 and newest.path.name in listing.split("CHAIN BROKEN")[0].splitlines()[-1]
     status = run(workspace, "status")
     assert status.returncode == 1 and f"{newest.path.name} cannot be restored" in status.stdout, status.stdout
+    latest = run(workspace, "restore", "--engine", "s3", "--file", "latest", "--into", "x-broken", "--yes")
+    assert latest.returncode == 1 and f"e.g. --file {full.path}" in latest.stderr, latest.stderr
     again = run(workspace, "backup", "--all")
     assert again.returncode == 0 and "full backup (the chain of" in again.stderr, again.stderr
     assert run(workspace, "status").returncode == 0

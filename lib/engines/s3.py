@@ -295,12 +295,23 @@ class S3Bucket(Engine):
             if found is None or loaded is None or loaded.problem is not None or found.resolve() in seen:
                 raise VerificationFailed(
                     f"{path.name} is an incremental backup on top of {parent['tier']}/{parent['file']}, which is "
-                    "missing (or has no valid record); restore an older backup whose chain is complete"
+                    f"missing (or has no valid record); restore an older backup whose chain is complete"
+                    f"{self.restorable_hint(request)}"
                 )
             seen.add(found.resolve())
             path, record = found, loaded.record
             files.append((path, record))
         return list(reversed(files))
+
+    @staticmethod
+    def restorable_hint(request: RestoreRequest) -> str:
+        """', e.g. --file <the newest local backup whose chain is complete>' (or nothing)."""
+        if request.backup_dir is None:
+            return ""
+        backups = store.list_backups(request.backup_dir, request.db.name)
+        whole = [b for b in backups if b.verified and b.problem is None and store.chain_of(b, backups)]
+        newest = max(whole, key=lambda b: b.created, default=None)
+        return f", e.g. --file {newest.path}" if newest else ""
 
     @staticmethod
     def decode(request: RestoreRequest, path: Path, record: Mapping[str, Any]) -> list[Stage]:
