@@ -6,7 +6,7 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from lib import store
-from lib.backup import plan
+from lib.backup import dry_run_plan
 from lib.backup import prune as prune_db
 from lib.cli import confirm_on_terminal, guarded, parse_tier, spec_and_log
 from lib.config import load_spec
@@ -40,7 +40,7 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
     databases = spec.select(None if all else db)
     if dry_run:
         for item in databases:
-            print(plan(spec, item, tier).describe())
+            print(dry_run_plan(spec, item, tier).describe())
         return
     outcome = run_backups(spec, databases, tier, wait=wait)
     if outcome.exit_code:
@@ -181,6 +181,8 @@ def list_(c, db=None, dest=None, config=None):
         for tier in store.TIERS:
             for b in (b for b in backups if b.tier == tier):
                 state = b.verification_text() + store.chain_text(b.record)
+                if store.depends_on(b.record) and store.chain_of(b, backups) is None:
+                    state += " (CHAIN BROKEN: a backup it builds on is missing; cannot be restored)"
                 print(
                     f"  {tier:<8} {b.path.name:<40} {store.human_size(b.record.get('size', 0)):>10} {store.human_age(now - b.created):>5} old  {state}"
                 )

@@ -45,9 +45,16 @@ class Plan:
     tier: str
     path: Path
     stages: list[str]
+    note: str = ""
 
     def describe(self) -> str:
-        return f"{self.db.name}: {self.tier} backup -> {self.path} via {' | '.join(self.stages)}"
+        return f"{self.db.name}: {self.tier} backup{self.note} -> {self.path} via {' | '.join(self.stages)}"
+
+
+def dry_run_plan(spec: Spec, db: DatabaseSpec, tier: str | None = None) -> Plan:
+    """The plan with what the engine can tell before it starts (full or incremental on what)."""
+    p = plan(spec, db, tier)
+    return replace(p, note=get_engine(db.engine).plan_note(spec, db, p.tier))
 
 
 def stored_suffix(spec: Spec, db: DatabaseSpec) -> str:
@@ -308,6 +315,8 @@ def run_backup(
             log.warning(
                 "%s: the backup holds no %s; is database '%s' the right one?", db.name, engine.units[0], db.database
             )
+        for warning in engine.warnings(db, meta):
+            log.warning("%s: %s", db.name, warning)
         record = {
             "format": store.RECORD_FORMAT,
             "tool": TOOL,
@@ -347,12 +356,11 @@ def run_backup(
         engine.abort_backup(db)
         raise
     log.info(
-        "%s: verified backup %s (%s, %s %s, %.1fs)",
+        "%s: verified backup %s (%s, %s, %.1fs)",
         db.name,
         p.path,
         store.human_size(result.size),
-        len(engine.counts(meta)),
-        engine.units[0],
+        engine.describe(meta),
         time.monotonic() - started,
     )
     return backup

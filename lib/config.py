@@ -205,6 +205,8 @@ def _error_text(error: jsonschema.ValidationError) -> str:
             return f"set only one of {' or '.join(required)}, not both"
     if error.validator == "required" and isinstance(error.schema, dict) and error.schema.get("x-hint"):
         return f"{error.message}; {error.schema['x-hint']}"
+    if error.validator == "pattern" and isinstance(error.schema, dict) and error.schema.get("x-hint"):
+        return f"{error.instance!r}: {error.schema['x-hint']}"
     if error.validator == "additionalProperties":
         return error.message + " (unknown key; see schema/backup.schema.json for the allowed ones)"
     return error.message

@@ -24,6 +24,7 @@ from lib.config import DatabaseSpec, Spec
 from lib.engines import get_engine
 from lib.engines.base import Engine
 from lib.errors import EnvironmentProblem, InputError, RunInterrupted, ToolError
+from lib.lifecycle import remember_scratch
 from lib.localpg import throwaway_cluster
 from lib.metrics import write_metrics
 from lib.notify import Notifier, RunReport
@@ -103,7 +104,8 @@ def drill_one(
     place = engine.place(db, spec.env)
     result: dict[str, Any] = {"ok": False, "source": source or "local", "target": target, "server": server}
     started = time.monotonic()
-    log.info("%s: restore drill into throwaway database %s", db.name, target)
+    log.info("%s: restore drill into throwaway %s %s", db.name, engine.target_kind, target)
+    marker = remember_scratch(spec, db, target) if engine.target_kind == "bucket" else None
     try:
         with workdir(spec, needed=source is not None) as work:
             file_arg = locate(spec, db, source, work)
@@ -133,8 +135,10 @@ def drill_one(
         result.update(error=str(exc), stage=history.stage_of(exc, "restore"))
     finally:
         dropped = engine.drop_database(db, place, target)
+        if dropped and marker is not None:
+            marker.unlink(missing_ok=True)
     if not dropped:
-        leftover = f"throwaway database {target} was left behind (could not drop it; see the warning above)"
+        leftover = f"throwaway {engine.target_kind} {target} was left behind (could not drop it; see the warning above)"
         result.update(ok=False, leftover=target)
         if result.get("error"):
             result["error"] += f"; {leftover}"

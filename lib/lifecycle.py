@@ -4,6 +4,7 @@ A run killed by SIGKILL (or a power cut) runs no cleanup. What it can leave:
 
 - a database closed to connections by an interrupted restore swap (``ALLOW_CONNECTIONS false``
   committed, the renames not): reopened; the applications can connect again;
+- the scratch bucket of a killed bucket drill (named by ``SCRATCH_MARKER``): deleted;
 - scratch databases ``<db>_restoring_<time>`` (full copies) and drill throwaways
   ``<db>_drill_<time>``: dropped, unless a session is connected to one (then named);
 - ``.tmp-*`` files, ``.fetch-*`` download directories, and sidecars (``.json``/``.sha256``)
@@ -40,6 +41,51 @@ FETCH_PREFIX = ".fetch-"
 CONNECT_TIMEOUT = "10"
 #: the lock holder name of status's short check (lib/lock.py lets a run wait that out)
 STATUS_HOLDER = "status"
+#: ``<backup_dir>/<name>/`` file naming the scratch bucket of a drill while it runs: a drill
+#: killed outright (SIGKILL, reboot) leaves a bucket full of media copies that no name pattern on
+#: the server can find without s3:ListAllMyBuckets; this file finds it
+SCRATCH_MARKER = "drill-scratch.json"
+
+
+def remember_scratch(spec: Spec, db: DatabaseSpec, target: str) -> Path:
+    """Write the marker of ``target`` (0600) before a drill creates it."""
+    import json
+    import os
+
+    path = spec.backup_dir / db.name / SCRATCH_MARKER
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump({"target": target, "started": store.iso(store.utcnow())}, handle)
+    return path
+
+
+def _tidy_scratch_bucket(spec: Spec, db: DatabaseSpec, remove: bool, report: Report) -> None:
+    import json
+
+    marker = spec.backup_dir / db.name / SCRATCH_MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return
+    try:
+        target = str(json.loads(marker.read_text(encoding="utf-8"))["target"])
+    except (OSError, ValueError, KeyError, TypeError):
+        marker.unlink(missing_ok=True)
+        return
+    command = f"invoke doctor (or by hand: mc rb --force ALIAS/{target})"
+    if not remove:
+        report.left.append(Leftover(db.name, f"scratch bucket {target} of an interrupted drill", command))
+        return
+    engine = get_engine(db.engine)
+    try:
+        dropped = engine.drop_database(db, engine.place(db, spec.env), target)
+    except ToolError as exc:
+        log.warning("%s: could not delete scratch bucket %s: %s", db.name, target, exc)
+        dropped = False
+    if dropped:
+        marker.unlink(missing_ok=True)
+        _did(report, f"{db.name}: deleted scratch bucket {target}, left by an interrupted drill")
+    else:
+        report.left.append(Leftover(db.name, f"scratch bucket {target} (could not delete it)", command))
 
 
 @dataclass
@@ -228,6 +274,8 @@ def tidy(spec: Spec, names: list[str] | None = None, remove: bool = True) -> Rep
     _remove_paths(_removable_dirs(spec), "", remove, report)
     for db in databases:
         _remove_paths(_removable_files(spec, db), db.name, remove, report)
+        if db.engine == "s3":
+            _tidy_scratch_bucket(spec, db, remove, report)
     servers: dict[tuple[Any, ...], list[DatabaseSpec]] = {}
     for db in databases:
         if db.engine == "postgres":

@@ -32,6 +32,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "last_run_duration_seconds": ("gauge", "Duration of the last backup run of the database."),
     "runs_total": ("counter", "Backup runs of the database by outcome."),
     "kept_backups": ("gauge", "Backups stored locally per tier."),
+    "last_objects": ("gauge", "Buckets: objects in the bucket (configured prefixes) at the newest verified backup."),
+    "last_source_bytes": ("gauge", "Buckets: bytes of those objects (the bucket's size, not the backup file's)."),
     "destination_lag": ("gauge", "1 when the destination has no verified copy of the newest verified backup."),
     "last_drill_timestamp_seconds": ("gauge", "When the last restore drill finished (Unix time)."),
     "last_drill_success": ("gauge", "1 when the last restore drill passed, 0 when it failed."),
@@ -66,6 +68,8 @@ def samples(report: dict[str, Any]) -> dict[str, list[tuple[dict[str, str], floa
         newest = entry["newest_verified"]
         add("last_success_timestamp_seconds", db, _ts(newest["created"]) if newest else None)
         add("last_size_bytes", db, newest["size"] if newest else None)
+        add("last_objects", db, newest.get("objects") if newest else None)
+        add("last_source_bytes", db, newest.get("bytes") if newest else None)
         add("age_seconds", db, entry["age_seconds"])
         add("max_age_seconds", db, report["max_age_hours"] * 3600)
         add("stale", db, 1 if entry["stale"] else 0)

@@ -189,6 +189,9 @@ def listing_lines(spec: Spec, dest_name: str, dbs: list[DatabaseSpec]) -> list[s
                     state = f"verified copy ({info.get('method', '?')})" if remote.verified else "NOT verified"
                     if remote.damage:
                         state = f"DAMAGED: {remote.damage}"
+                    state += store.chain_text(remote.record)
+                    if store.depends_on(remote.record) and store.chain_of(remote, listing.backups) is None:
+                        state += " (CHAIN BROKEN: a backup it builds on is missing here)"
                     lines.append(
                         f"  {tier:<8} {remote.file:<40} {store.human_size(remote.size):>10} "
                         f"{store.human_age(now - remote.created):>5} old  {state}"

@@ -259,7 +259,7 @@ def restore(
         checks = request.verified or []
         log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))
     else:
-        log.info("%s: verifying %s before touching any database", db.name, path)
+        log.info("%s: verifying %s before touching anything", db.name, path)
         with watch_reads(path, f"{db.name}: verify"):
             checks = verify_file(spec, db, path, record, place, decrypt=True)
         log.info("%s: %s verified (%s)", db.name, path.name, ", ".join(checks))

@@ -16,6 +16,7 @@ from typing import Any
 
 from lib import history, store, wal
 from lib.config import DatabaseSpec, Spec
+from lib.errors import ToolError
 
 FORMAT = 1
 DEFAULT_MAX_AGE_HOURS = 26.0
@@ -49,7 +50,17 @@ def backup_entry(backup: store.Backup, now: datetime) -> dict[str, Any]:
         "verified": backup.verified,
         "encryption": (record.get("encryption") or {}).get("mode", "none"),
         "destinations": sorted(name for name in (record.get("destinations") or {}) if verified_at(backup, name)),
+        **_source_counts(record),
     }
+
+
+def _source_counts(record: Mapping[str, Any]) -> dict[str, int]:
+    """A bucket backup's ``objects`` and ``bytes`` (of the bucket, not of the file); nothing for
+    databases."""
+    meta = record.get("engine_meta") or {}
+    if record.get("engine") != "s3" or not isinstance(meta.get("objects"), int):
+        return {}
+    return {"objects": meta["objects"], "bytes": int(meta.get("bytes") or 0)}
 
 
 def database_status(
@@ -75,6 +86,13 @@ def database_status(
         problems.append(
             f"{db.name}: {len(invalid)} backup(s) with an invalid record, e.g. {invalid[0].record_path} "
             f"({invalid[0].problem}); fix the record or move the backup away"
+        )
+    if newest is not None and store.chain_of(newest, backups) is None:
+        parent = store.depends_on(newest.record) or ("?", "?")
+        problems.append(
+            f"{db.name}: newest verified backup {newest.tier}/{newest.path.name} cannot be restored: it builds "
+            f"on {parent[0]}/{parent[1]}, which (or one before it) is missing; back up now "
+            f"(invoke backup --db {db.name}: with the chain broken it makes a full one)"
         )
     destinations = {}
     for name in destination_names(spec):
@@ -147,6 +165,8 @@ def _backup_line(label: str, entry: dict[str, Any] | None) -> str:
     age = store.human_age(timedelta(seconds=entry["age_seconds"]))
     state = "verified" if entry["verified"] else "NOT verified"
     where = ", ".join(entry["destinations"]) or "none"
+    if "objects" in entry:
+        where += f"; {entry['objects']} objects, {store.human_size(entry['bytes'])}"
     return (
         f"  {label:<8} {entry['file']:<40} {store.human_size(entry['size'] or 0):>10} {age:>5} old  {state}, "
         f"encryption {entry['encryption']}, off-site: {where}"
@@ -161,6 +181,15 @@ def _wal_line(block: dict[str, Any]) -> str:
         f"  wal: receiver {'running' if block['receiver_running'] else 'NOT running'}, last segment {last}, "
         f"slot {block['slot']} lag {lag}, {block['base_backups']} base backup(s)"
     )
+
+
+def _units(engine: str) -> tuple[str, str]:
+    from lib.engines import get_engine
+
+    try:
+        return get_engine(engine).units
+    except ToolError:
+        return ("tables", "rows")
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -192,7 +221,8 @@ def render_text(report: dict[str, Any]) -> str:
         if drill and not drill["ok"] and passed:
             text += f"; last proven restorable {passed['at']}"
         elif drill and drill["ok"]:
-            text += f" (restore {drill.get('restore_seconds')}s, {drill.get('rows')} rows)"
+            units = _units(entry["engine"])
+            text += f" (restore {drill.get('restore_seconds')}s, {drill.get('rows')} {units[1]})"
         lines.append(f"  last drill: {text}")
         if entry.get("wal"):
             lines.append(_wal_line(entry["wal"]))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, with_fixed_tier
 from s3server import S3Server
+from sshd import free_port
 
 from lib import store
 
@@ -105,10 +108,14 @@ def test_full_then_incrementals_and_every_point_restores_object_by_object(worksp
     workspace.write_config(media_config(s3, bucket))
     points = []
 
+    dry = run(workspace, "backup", "--all", "--dry-run")
+    assert dry.returncode == 0 and "daily backup (full: no earlier verified backup) ->" in dry.stdout, dry.stdout
     first = run(workspace, "backup", "--all")
     assert first.returncode == 0, first.stderr
     points.append(snapshot(s3, bucket))
     assert len(points[0]) == 241 and "other/not-backed-up.txt" not in points[0]
+    dry = run(workspace, "backup", "--all", "--dry-run")
+    assert f"daily backup (incremental on daily/{stored(workspace)[0].path.name}) ->" in dry.stdout, dry.stdout
 
     # adds, a changed content, a changed metadata (same content), deletes
     client.put_object(Bucket=bucket, Key="dm-images/새 사진.png", Body=b"\x89PNG new", ContentType="image/png")
@@ -300,18 +307,28 @@ def test_a_killed_backup_leaves_no_partial_backup(workspace, s3, how):
 def test_drill_restores_into_a_scratch_bucket_and_deletes_it(workspace, s3):
     bucket = s3.bucket()
     fill(s3, bucket, count=30, seed=9)
-    workspace.write_config(media_config(s3, bucket))
+    config = media_config(s3, bucket)
+    config["monitoring"] = {"prometheus_textfile": str(workspace.path / "media.prom")}
+    workspace.write_config(config)
     assert run(workspace, "backup", "--all").returncode == 0
     before = buckets(s3)
     drill = run(workspace, "drill")
     assert drill.returncode == 0, drill.stderr
     assert "drill PASSED" in drill.stderr and "30 objects" in drill.stderr
     assert buckets(s3) == before  # the scratch bucket is gone
+    assert not (workspace.backup_dir / "media" / "drill-scratch.json").exists()  # and so is its marker
     result = json.loads((workspace.backup_dir / "media" / "drills.json").read_text())
     last = result[-1] if isinstance(result, list) else result
     assert "-drill-" in json.dumps(last)
     status = run(workspace, "status")
     assert status.returncode == 0, status.stdout + status.stderr
+    # a bucket is described by what it holds: objects and bytes, drills in objects (not rows)
+    assert "; 30 objects, " in status.stdout and "30 objects)" in status.stdout and "rows" not in status.stdout
+    newest = json.loads(run(workspace, "status", "--json").stdout)["databases"]["media"]["newest_verified"]
+    assert newest["objects"] == 30 and newest["bytes"] == sum(v[1] for v in snapshot(s3, bucket).values())
+    metrics = (workspace.path / "media.prom").read_text()
+    assert 'lemon_backup_last_objects{database="media"} 30' in metrics
+    assert f'lemon_backup_last_source_bytes{{database="media"}} {newest["bytes"]}' in metrics
 
 
 def test_config_of_a_bucket_source(workspace, s3):
@@ -325,6 +342,22 @@ def test_config_of_a_bucket_source(workspace, s3):
     assert ok.returncode == 0, ok.stderr  # the old scripts' variables name databases, not buckets
     unset = workspace.invoke("backup", "--db", "media", env={"MEDIA_KEY": KEY_ID})
     assert unset.returncode == 2 and "$MEDIA_SECRET" in unset.stderr
+    slash = media_config(s3, "lemon-media", prefixes=["/dm-voice/"])
+    workspace.write_config(slash)
+    refused = run(workspace, "validate")
+    assert refused.returncode == 2 and "'/dm-voice/': a key prefix such as dm-images/" in refused.stderr
+
+
+def test_a_prefix_that_holds_nothing_is_warned_about_and_counted_as_zero(workspace, s3):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=4, seed=5)
+    workspace.write_config(media_config(s3, bucket, prefixes=["dm-images/", "dm-voic/"]))
+    made = run(workspace, "backup", "--all")
+    assert made.returncode == 0, made.stderr
+    assert "prefix 'dm-voic/' of bucket" in made.stderr and "holds no objects" in made.stderr
+    assert "2 objects, " in made.stderr  # the log line counts objects and bytes
+    [backup] = stored(workspace)
+    assert backup.record["engine_meta"]["prefixes"] == {"dm-images/": 2, "dm-voic/": 0}
 
 
 def test_an_encrypted_incremental_restores_from_an_off_site_copy_with_its_chain(workspace, s3):
@@ -348,6 +381,8 @@ def test_an_encrypted_incremental_restores_from_an_off_site_copy_with_its_chain(
     expected = snapshot(s3, bucket)
     assert [b.path.name.endswith(".tar.zst.gpg") for b in stored(workspace)] == [True, True]
     assert stored(workspace)[1].record["chain"]["kind"] == "incremental"
+    listed = run(workspace, "list", "--dest", "nas").stdout
+    assert f"; incremental on daily/{stored(workspace)[0].path.name}" in listed and "; full" in listed, listed
     for backup in stored(workspace):  # the local backups are lost
         store.delete(backup)
     target = f"from-nas-{bucket}"
@@ -419,3 +454,111 @@ def test_restore_refuses_a_bad_or_foreign_target_bucket_before_anything(workspac
     assert bad.returncode == 2 and "not a valid bucket name" in bad.stderr
     postgres_flag = run(workspace, "restore", "--engine", "postgres", "--file", "latest", "--delete-extra", "--yes")
     assert postgres_flag.returncode == 2 and "--delete-extra is for bucket restores" in postgres_flag.stderr
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth():
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0: every key is
+    unknown to it), in its own process: the module's server accepts any key."""
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_wrong_keys_and_an_unreachable_endpoint_are_one_line_naming_the_fix(workspace, s3, s3_with_auth):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=4, seed=3)
+    workspace.write_config(media_config(s3, bucket))
+    assert run(workspace, "backup", "--all").returncode == 0
+    [made] = [b.path for b in stored(workspace)]
+    dead = media_config(s3, bucket)
+    dead["databases"]["media"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (media_config(s3, bucket), s3_with_auth, "the server refused the credentials", "$MEDIA_KEY and $MEDIA_SECRET"),
+        (dead, None, "cannot connect to", "check endpoint_url"),
+    ]
+    for config, url, problem, fix in cases:
+        if url:
+            config["databases"]["media"]["endpoint_url"] = url
+        workspace.write_config(config)
+        for args in (
+            ("backup", "--all"),
+            ("restore", "--engine", "s3", "--file", str(made), "--into", "x-copy", "--yes"),
+        ):
+            result = run(workspace, *args)
+            text = result.stdout + result.stderr
+            assert result.returncode == 1, text
+            assert problem in text and fix in text, text
+            assert "Traceback" not in text and SECRET not in text and KEY_ID not in text, text
+
+
+def test_the_fast_timestamp_parser_agrees_with_botocores():
+    from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+
+    from lib.s3client import fast_timestamp
+
+    for value in (
+        "2026-12-02T03:27:34.000Z",  # ListObjectsV2
+        "2026-12-02T03:27:34.123456Z",
+        "2026-12-02T03:27:34Z",
+        "Wed, 02 Dec 2026 03:27:34 GMT",  # Last-Modified header
+        "2026-12-02T03:27:34+09:00",
+        "1764645000",  # epoch seconds
+    ):
+        assert fast_timestamp(value) == DEFAULT_TIMESTAMP_PARSER(value), value
+    assert fast_timestamp("2026-12-02T03:27:34.000Z").utcoffset().total_seconds() == 0
+
+
+def test_a_newest_backup_whose_chain_lost_a_file_is_a_problem_until_a_full_one_is_made(workspace, s3):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=4, seed=11)
+    workspace.write_config(media_config(s3, bucket))
+    for _ in range(3):
+        assert run(workspace, "backup", "--all").returncode == 0
+    full, middle, newest = stored(workspace)
+    assert (newest.record["chain"]["kind"], middle.record["chain"]["kind"]) == ("incremental", "incremental")
+    store.delete(middle)
+    listing = run(workspace, "list").stdout
+    assert listing.count("CHAIN BROKEN") == 1 and newest.path.name in listing.split("CHAIN BROKEN")[0].splitlines()[-1]
+    status = run(workspace, "status")
+    assert status.returncode == 1 and f"{newest.path.name} cannot be restored" in status.stdout, status.stdout
+    latest = run(workspace, "restore", "--engine", "s3", "--file", "latest", "--into", "x-broken", "--yes")
+    assert latest.returncode == 1 and f"e.g. --file {full.path}" in latest.stderr, latest.stderr
+    again = run(workspace, "backup", "--all")
+    assert again.returncode == 0 and "full backup (the chain of" in again.stderr, again.stderr
+    assert run(workspace, "status").returncode == 0
+
+
+def test_the_scratch_bucket_of_a_killed_drill_is_reported_and_deleted_by_doctor(workspace, s3):
+    bucket = s3.bucket()
+    fill(s3, bucket, count=4, seed=13)
+    workspace.write_config(media_config(s3, bucket))
+    assert run(workspace, "backup", "--all").returncode == 0
+    # what a drill killed with SIGKILL halfway leaves: its marker and a half-filled scratch bucket
+    scratch = f"{bucket[:30].rstrip('.-')}-drill-20261201-020000"
+    s3.client().create_bucket(Bucket=scratch)
+    s3.client().put_object(Bucket=scratch, Key="dm-voice/메시지-0002.bin", Body=b"copy of a media file")
+    marker = workspace.backup_dir / "media" / "drill-scratch.json"
+    marker.write_text(json.dumps({"target": scratch, "started": "2026-12-01T02:00:00Z"}))
+    status = run(workspace, "status")
+    assert status.returncode == 1 and f"leftover scratch bucket {scratch} of an interrupted drill" in status.stdout
+    assert scratch in buckets(s3)  # status only reports
+    doctor = run(workspace, "doctor")
+    assert doctor.returncode == 0 and f"deleted scratch bucket {scratch}" in doctor.stderr, doctor.stderr
+    assert scratch not in buckets(s3) and not marker.exists()
+    assert run(workspace, "status").returncode == 0

@@ -82,6 +82,8 @@ class Engine:
     host_binaries: tuple[str, ...] = ()
     #: what the engine counts, for log lines: (containers, items), e.g. ("tables", "rows")
     units: tuple[str, str] = ("tables", "rows")
+    #: what a restore writes into, for messages: "database" (a bucket source: "bucket")
+    target_kind = "database"
     #: True when a restore loads into a scratch database and touches the target only in a final
     #: step after calling ``RestoreRequest.gate``: the file is then verified alongside the load
     #: instead of before it (one pass less). False: verified first, then restored.
@@ -171,6 +173,18 @@ class Engine:
         """Per-container item counts (rows per table, documents per collection) from the metadata
         ``check_summary`` returned."""
         return meta.get("tables", {})
+
+    def plan_note(self, spec: Any, db: DatabaseSpec, tier: str) -> str:
+        """Appended to the --dry-run line of a backup, e.g. ' (incremental on daily/backup_...)'."""
+        return ""
+
+    def describe(self, meta: Mapping[str, Any]) -> str:
+        """What a verified backup holds, for its log line: e.g. '12 tables'."""
+        return f"{len(self.counts(meta))} {self.units[0]}"
+
+    def warnings(self, db: DatabaseSpec, meta: Mapping[str, Any]) -> list[str]:
+        """Things worth a warning in what a verified backup holds (e.g. an empty prefix)."""
+        return []
 
     def replace_note(self, drop_previous: bool) -> str:
         """What happens to the current target database, appended to the restore confirmation

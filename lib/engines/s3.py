@@ -72,6 +72,7 @@ def split_target(target: str) -> tuple[str, str]:
 class S3Bucket(Engine):
     name = "s3"
     units = ("prefixes", "objects")
+    target_kind = "bucket"
     file_markers = (".tar",)
 
     # -- where and how to connect -------------------------------------------------------------
@@ -100,6 +101,8 @@ class S3Bucket(Engine):
         for key, fixed in SECRET_ENV.items():
             if db.options.get(key):
                 block[key] = fixed
+        # the configured variable names, for messages (the helper reads the fixed names)
+        block["env_names"] = {key: db.options[key] for key in SECRET_ENV if db.options.get(key)}
         return {
             "connection": block,
             "owner": f"database '{db.name}'",
@@ -136,13 +139,10 @@ class S3Bucket(Engine):
             "prefixes": list(db.options.get("prefixes") or []),
         }
 
-    def begin_backup(
-        self, spec: Spec, db: DatabaseSpec, tier: str, path: Path, tmp: Path
-    ) -> tuple[DatabaseSpec, dict[str, Any]]:
-        """Full or incremental (see the module docstring); the options of the dump and the
-        record's ``chain``."""
-        from dataclasses import replace
-
+    def chain_plan(
+        self, spec: Spec, db: DatabaseSpec, tier: str
+    ) -> tuple[str, store.Backup | None, list[store.Backup], str, str | None]:
+        """(kind, parent, its chain, why full, previous manifest) of a backup made now."""
         kind, parent, reason = "full", None, "incremental is off"
         previous_manifest = None
         chain: list[store.Backup] = []
@@ -172,6 +172,23 @@ class S3Bucket(Engine):
                     reason = f"no intact manifest copy of {parent.path.name} ({manifest.name})"
                 else:
                     kind, previous_manifest = "incremental", str(manifest)
+        return kind, parent, chain, reason, previous_manifest
+
+    def plan_note(self, spec: Spec, db: DatabaseSpec, tier: str) -> str:
+        """For --dry-run: ' (full: monthly tier)' or ' (incremental on daily/backup_...)'."""
+        kind, parent, _, reason, _ = self.chain_plan(spec, db, tier)
+        if kind == "incremental" and parent is not None:
+            return f" (incremental on {parent.tier}/{parent.path.name})"
+        return f" (full: {reason})"
+
+    def begin_backup(
+        self, spec: Spec, db: DatabaseSpec, tier: str, path: Path, tmp: Path
+    ) -> tuple[DatabaseSpec, dict[str, Any]]:
+        """Full or incremental (see the module docstring); the options of the dump and the
+        record's ``chain``."""
+        from dataclasses import replace
+
+        kind, parent, chain, reason, previous_manifest = self.chain_plan(spec, db, tier)
         if kind == "full" and db.options.get("incremental"):
             log.info("%s: full backup (%s)", db.name, reason)
         record: dict[str, Any] = {"kind": kind}
@@ -237,6 +254,24 @@ class S3Bucket(Engine):
     def counts(self, meta: Mapping[str, Any]) -> Mapping[str, int]:
         return meta.get("prefixes") or {}
 
+    def describe(self, meta: Mapping[str, Any]) -> str:
+        """'240 objects, 1.2 MiB' (a full one), '+ 3 new or changed (4.0 KiB)' (an incremental)."""
+        text = f"{meta.get('objects', 0)} objects, {human(int(meta.get('bytes') or 0))}"
+        if meta.get("kind") == "incremental":
+            text += (
+                f"; {meta.get('stored_objects', 0)} new or changed stored ({human(int(meta.get('stored_bytes') or 0))})"
+            )
+        return text
+
+    def warnings(self, db: DatabaseSpec, meta: Mapping[str, Any]) -> list[str]:
+        """A configured prefix that holds nothing is most likely a typo (a backup of nothing)."""
+        return [
+            f"prefix '{prefix}' of bucket '{db.options['bucket']}' holds no objects; is it right "
+            "(keys are case-sensitive and have no leading '/'; compare with mc ls)?"
+            for prefix, count in self.counts(meta).items()
+            if count == 0
+        ]
+
     # -- restore -----------------------------------------------------------------------------
     def replace_note(self, drop_previous: bool) -> str:
         return ""
@@ -260,12 +295,23 @@ class S3Bucket(Engine):
             if found is None or loaded is None or loaded.problem is not None or found.resolve() in seen:
                 raise VerificationFailed(
                     f"{path.name} is an incremental backup on top of {parent['tier']}/{parent['file']}, which is "
-                    "missing (or has no valid record); restore an older backup whose chain is complete"
+                    f"missing (or has no valid record); restore an older backup whose chain is complete"
+                    f"{self.restorable_hint(request)}"
                 )
             seen.add(found.resolve())
             path, record = found, loaded.record
             files.append((path, record))
         return list(reversed(files))
+
+    @staticmethod
+    def restorable_hint(request: RestoreRequest) -> str:
+        """', e.g. --file <the newest local backup whose chain is complete>' (or nothing)."""
+        if request.backup_dir is None:
+            return ""
+        backups = store.list_backups(request.backup_dir, request.db.name)
+        whole = [b for b in backups if b.verified and b.problem is None and store.chain_of(b, backups)]
+        newest = max(whole, key=lambda b: b.created, default=None)
+        return f", e.g. --file {newest.path}" if newest else ""
 
     @staticmethod
     def decode(request: RestoreRequest, path: Path, record: Mapping[str, Any]) -> list[Stage]:
@@ -296,13 +342,16 @@ class S3Bucket(Engine):
         import botocore.exceptions as bx
 
         client = conn.client()
-        with conn.mapped("look at the target bucket", passthrough=(bx.ClientError,)):
+        with conn.mapped("look at the target bucket"):  # other errors re-raised into mapped(): one line
             try:
                 client.head_bucket(Bucket=conn.bucket)
             except bx.ClientError as exc:
-                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 404:
                     return None
-                raise
+                if status != 403:
+                    raise
+                # a HEAD answer has no body: 403 is wrong keys or missing rights; the listing says which
         found: dict[str, tuple[int, str]] = {}
         with conn.mapped("list the target bucket"):
             for prefix in sorted(set(prefixes)):
@@ -467,15 +516,22 @@ class S3Bucket(Engine):
             client = conn.client()
             if self.listing(conn, [""]) is None:
                 return True
-            with conn.mapped("delete the scratch bucket"):
-                for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
-                    batch = [
-                        {"Key": v["Key"], "VersionId": v["VersionId"]}
-                        for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
-                    ]
-                    if batch:
-                        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-                client.delete_bucket(Bucket=bucket)
+            for attempt in range(3):  # uploads of a killed drill still in flight land after a listing
+                try:
+                    with conn.mapped("delete the scratch bucket"):
+                        for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
+                            batch = [
+                                {"Key": v["Key"], "VersionId": v["VersionId"]}
+                                for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
+                            ]
+                            if batch:
+                                client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+                        client.delete_bucket(Bucket=bucket)
+                    break
+                except RunFailed as exc:
+                    if "BucketNotEmpty" not in str(exc) or attempt == 2:
+                        raise
+                    time.sleep(1)
         except (RunFailed, EnvironmentProblem) as exc:
             log.warning("%s: could not delete scratch bucket %s (%s); delete it by hand", db.name, bucket, exc)
             return False

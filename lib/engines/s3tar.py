@@ -160,7 +160,7 @@ def get_object(conn: Any, key: str) -> dict[str, Any] | None:
     """GetObject, or None when the object was deleted since the listing."""
     import botocore.exceptions as bx
 
-    with conn.mapped(f"read {key}", passthrough=(bx.ClientError,)):
+    with conn.mapped(f"read {key}"):  # any other error is re-raised into mapped(): one line
         try:
             return conn.client().get_object(Bucket=conn.bucket, Key=key)
         except bx.ClientError as exc:
@@ -386,7 +386,7 @@ def inspect(job: dict[str, Any]) -> dict[str, Any]:
         raise Failed(f"{len(missing)} object(s) of the manifest are missing, e.g. {missing[0]}")
     if manifest.get("kind") == "full" and len(stored) != len(entries):
         raise Failed("a full backup that does not hold every object of its manifest")
-    prefixes: dict[str, int] = {}
+    prefixes = {(p or "(bucket)"): 0 for p in manifest.get("prefixes", [])}  # an empty one shows as 0
     for key in entries:
         top = next((p for p in manifest.get("prefixes", []) if p and key.startswith(p)), "")
         prefixes[top or "(bucket)"] = prefixes.get(top or "(bucket)", 0) + 1
