@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,9 @@ def plan(spec: Spec, db: DatabaseSpec, target: datetime | None) -> Plan:
                 "restoring to the latest point would cross it: restore with --to-time before the gap, or restore the segment"
             )
     else:
-        covered = [moment for moment in ends if moment >= target]
+        # records keep whole seconds: a file received at 10:42:07 may hold WAL up to 10:42:07.999; whether
+        # the archive really holds everything up to the target is proven after the replay (build)
+        covered = [moment for moment in ends if moment + timedelta(seconds=1) > target]
         if not covered:
             end = max(ends).isoformat() if ends else "nothing archived after the base backup"
             if gap:

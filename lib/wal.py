@@ -36,7 +36,7 @@ from typing import Any
 
 from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
-from lib.engines.postgres import quote_literal
+from lib.engines.postgres import quote_ident, quote_literal
 from lib.errors import EnvironmentProblem, InputError, LockHeld, RunFailed, VerificationFailed
 from lib.exec import child_env, dying_with_tool, require_binary, tail_text
 from lib.stream import FileSink, HashSink, Stage, Tap, run_pipeline, run_tapped, sha256_file
@@ -191,7 +191,8 @@ SELECT (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_
        current_setting('max_replication_slots'),
        (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'),
        current_setting('server_version_num'),
-       (SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global'))
+       (SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')),
+       pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')
 """
 
 
@@ -201,6 +202,16 @@ class ServerInfo:
     segment_size: int
     version_num: int
     tablespaces: int
+    read_stats: bool = True  # can see pg_stat_replication's positions (superuser or pg_read_all_stats)
+
+
+def sql_role(name: str) -> str:
+    """The role name as an operator types it in SQL: bare when that is safe, else double-quoted."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else quote_ident(name)
+
+
+def hba_line(user: str, address: str) -> str:
+    return f"host replication {user} {address}/{128 if ':' in address else 32} scram-sha-256"
 
 
 def preflight(conn: Conn, db: DatabaseSpec) -> ServerInfo:
@@ -215,10 +226,12 @@ def preflight(conn: Conn, db: DatabaseSpec) -> ServerInfo:
             f"{db.name}: cannot connect to {conn.where} for WAL archiving: {exc}; set wal.host/wal.port "
             "(container mode: the container's published port) and check the server is up"
         ) from None
-    can_replicate, user, wal_level, senders, slots, segsize, version, spaces = row
+    can_replicate, user, wal_level, senders, slots, segsize, version, spaces, read_stats = row
     problems = []
     if can_replicate != "t":
-        problems.append(f"role {user} lacks the REPLICATION attribute (as a superuser: ALTER ROLE {user} REPLICATION;)")
+        problems.append(
+            f"role {user} lacks the REPLICATION attribute (as a superuser: ALTER ROLE {sql_role(user)} REPLICATION;)"
+        )
     if wal_level not in ("replica", "logical"):
         problems.append(f"wal_level is {wal_level} (ALTER SYSTEM SET wal_level = 'replica'; then restart the server)")
     if int(senders) < 2:
@@ -227,22 +240,27 @@ def preflight(conn: Conn, db: DatabaseSpec) -> ServerInfo:
         )
     if int(slots) < 1:
         problems.append(f"max_replication_slots is {slots} (ALTER SYSTEM SET max_replication_slots = 10; then restart)")
-    if not problems:
-        try:
-            query(conn, "IDENTIFY_SYSTEM", replication=True)
-        except EnvironmentProblem as exc:
-            text = str(exc)
-            found = re.search(r'no pg_hba\.conf entry for replication connection from host "([^"]+)"', text)
-            if found:
-                problems.append(
-                    f"pg_hba.conf has no replication line for user {user} from {found.group(1)} (add "
-                    f"'host replication {user} {found.group(1)}/32 scram-sha-256' and SELECT pg_reload_conf();)"
-                )
-            else:
-                problems.append(f"a replication connection to {conn.where} fails: {text}")
+    try:  # pg_hba.conf is consulted before anything else: its answer holds whatever else is missing
+        query(conn, "IDENTIFY_SYSTEM", replication=True)
+    except EnvironmentProblem as exc:
+        text = str(exc)
+        found = re.search(r'no pg_hba\.conf entry for replication connection from host "([^"]+)"', text)
+        if found:
+            problems.append(
+                f"pg_hba.conf has no replication line for user {user} from {found.group(1)} (add "
+                f"'{hba_line(user, found.group(1))}' and SELECT pg_reload_conf();)"
+            )
+        elif not problems:
+            problems.append(f"a replication connection to {conn.where} fails: {text}")
     if problems:
         raise InputError(f"{db.name}: the server is not ready for WAL streaming: " + "; ".join(problems))
-    return ServerInfo(user=user, segment_size=int(segsize), version_num=int(version), tablespaces=int(spaces))
+    return ServerInfo(
+        user=user,
+        segment_size=int(segsize),
+        version_num=int(version),
+        tablespaces=int(spaces),
+        read_stats=read_stats == "t",
+    )
 
 
 def ensure_slot(conn: Conn, slot: str) -> bool:
@@ -461,10 +479,14 @@ def server_position(conn: Conn) -> tuple[str, str] | None:
 
 
 def caught_up(conn: Conn, slot: str, lsn: str, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds until the receiver has written WAL up to ``lsn``."""
+    """Wait up to ``timeout`` seconds until the receiver has written WAL up to ``lsn``: its
+    write_lsn in pg_stat_replication, which PostgreSQL shows only to superusers and members of
+    pg_read_all_stats; for any other role (a plain REPLICATION role) the slot's restart_lsn, what
+    the receiver reported flushed (every write with synchronous: true, else at segment ends)."""
     sql = (
-        f"SELECT count(*) FROM pg_stat_replication WHERE application_name = {quote_literal(slot)} "  # noqa: S608
-        f"AND write_lsn >= {quote_literal(lsn)}::pg_lsn"
+        "SELECT count(*) FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "  # noqa: S608
+        f"WHERE s.slot_name = {quote_literal(slot)} "
+        f"AND coalesce(r.write_lsn, s.restart_lsn) >= {quote_literal(lsn)}::pg_lsn"
     )
     deadline = time.monotonic() + timeout
     while True:
@@ -556,6 +578,15 @@ def _receive(
 ) -> dict[str, Any]:
     slot = wal["slot"]
     ensure_slot(conn, slot)
+    if not info.read_stats and not (wal.get("synchronous") or once):
+        log.warning(
+            "%s: role %s cannot see the receiver's write position (pg_stat_replication) and the receiver is not "
+            "synchronous: the archive is proven complete only at segment ends, so restores to a time after the last "
+            "commit wait for one; set wal.synchronous: true or GRANT pg_read_all_stats TO %s",
+            db.name,
+            info.user,
+            sql_role(info.user),
+        )
     staging = store.ensure_dir(wal_dir(spec, db) / "staging")
     argv = [_pg_tool("pg_receivewal"), "-D", str(staging), "--slot", slot, "-d", conn.conninfo(application=slot)]
     argv += ["-n", "-w"]

@@ -96,33 +96,30 @@ def archive(source, tmp_path_factory):
 
 
 def test_preflight_names_what_the_server_lacks(source, tmp_path):
-    source.sql("CREATE ROLE pitr_norepl LOGIN;")
+    source.sql('CREATE ROLE "Pitr_NoRepl" LOGIN;')  # a name that needs quoting in SQL, like 3chan
     ws = make_workspace(tmp_path / "ws", source, "postgres")
     config = yaml.safe_load(ws.config.read_text())
-    config["databases"]["pg"]["user"] = "pitr_norepl"
+    config["databases"]["pg"]["user"] = "Pitr_NoRepl"
     ws.write_config(config)
-    result = ws.invoke("wal-receive", "--once")
-    assert result.returncode == 2, result.stderr
-    assert "role pitr_norepl lacks the REPLICATION attribute" in result.stderr
-    assert "ALTER ROLE pitr_norepl REPLICATION" in result.stderr
-    assert "Traceback" not in result.stderr
-    slots = source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';")
-    assert slots == "0"  # nothing started
     hba = source.data / "pg_hba.conf"
     original = hba.read_text()
-    try:  # no replication line: named, with the line to add
+    try:  # no REPLICATION attribute and no replication line: both named at once, each with its fix
         hba.write_text("".join(line for line in original.splitlines(True) if "replication" not in line))
         source.sql("SELECT pg_reload_conf();")
-        config["databases"]["pg"]["user"] = "postgres"
-        ws.write_config(config)
         result = ws.invoke("wal-receive", "--once")
     finally:
         hba.write_text(original)
         source.sql("SELECT pg_reload_conf();")
     assert result.returncode == 2, result.stderr
-    assert "pg_hba.conf has no replication line for user postgres from 127.0.0.1" in result.stderr
-    assert "'host replication postgres 127.0.0.1/32 scram-sha-256'" in result.stderr
-    assert source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';") == "0"
+    assert "role Pitr_NoRepl lacks the REPLICATION attribute" in result.stderr
+    assert 'ALTER ROLE "Pitr_NoRepl" REPLICATION;' in result.stderr
+    assert "pg_hba.conf has no replication line for user Pitr_NoRepl from 127.0.0.1" in result.stderr
+    assert "'host replication Pitr_NoRepl 127.0.0.1/32 scram-sha-256'" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    slots = source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';")
+    assert slots == "0"  # nothing started
+    config["databases"]["pg"]["user"] = "postgres"
+    ws.write_config(config)
     result = ws.invoke("wal-base")
     assert result.returncode == 2 and "slot lemon_backup_pg does not exist: start invoke wal-receive" in result.stderr
     assert not list((ws.backup_dir / "pg" / "wal" / "base").glob("base_*"))
@@ -317,7 +314,12 @@ def test_retention_keeps_every_segment_a_kept_base_needs(source, archive, tmp_pa
 def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_commit(source, tmp_path):
     source.sql("CREATE DATABASE pitr_live;")
     source.sql("CREATE TABLE t (id int PRIMARY KEY, note text DEFAULT 'x');", "pitr_live")
-    ws = make_workspace(tmp_path / "ws", source, "pitr_live", synchronous=True, slot="lemon_backup_live")
+    # the receiver streams as a plain REPLICATION role (as docs/pitr.md sets up), not a superuser:
+    # PostgreSQL hides pg_stat_replication's positions from it
+    source.sql("CREATE ROLE pitr_streamer LOGIN REPLICATION;")
+    ws = make_workspace(
+        tmp_path / "ws", source, "pitr_live", synchronous=True, slot="lemon_backup_live", user="pitr_streamer"
+    )
     ok(ws.invoke("wal-receive", "--once"))
     ok(ws.invoke("wal-base"))
 
@@ -358,6 +360,9 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
         insert(source, "pitr_live", 21, 25)
     finally:
         source.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();")
+    time.sleep(0.2)
+    quiet = source.sql("SELECT clock_timestamp();")  # after the last commit, before the receiver stops
+    time.sleep(0.2)
     receiver.send_signal(signal.SIGTERM)
     out, err = receiver.communicate(timeout=60)
     assert receiver.returncode == 0, err
@@ -367,6 +372,9 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
     assert any("WAL receiver is not running (stopped)" in p for p in stopped["problems"])
     result = ok(ws.invoke("restore", "--to-latest", "--into", "pitr_live_back", "--yes"))
     assert count(source, "pitr_live_back") == 25, result.stdout
+    # the clean stop proved the archive holds everything up to it: a time after the last commit restores
+    result = ok(ws.invoke("restore", "--to-time", quiet, "--into", "pitr_live_quiet", "--yes"))
+    assert count(source, "pitr_live_quiet") == 25, result.stdout
 
 
 def test_container_mode_through_the_docker_double(source, tmp_path):
