@@ -67,9 +67,13 @@ def verify_stored(spec: Spec, file: str | None, names: list[str] | None, log: lo
             for other in chain[:-1]:
                 failed += 0 if verify_one(spec, db, other.path, other, log) else 1
         return failed
+    from lib import wal
+
     failed = 0
     for db in spec.select(names):
         backups = store.list_backups(spec.backup_dir, db.name)
+        if wal.enabled(db):  # the point-in-time archive: base backups, WAL segments, no gap
+            failed += wal.verify_archive(spec, db, log)
         if not backups:
             log.warning("%s: no backups to verify", db.name)
         for backup in backups:

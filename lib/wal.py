@@ -906,7 +906,7 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
     wal = settings(db)
     problems: list[str] = []
     done, partial = list_segments(spec, db)
-    last = max(done, key=lambda s: s.received) if done else None
+    last = max(done, key=lambda s: (s.received, s.record["timeline"], s.number)) if done else None
     try:
         state = json.loads(heartbeat_path(spec, db).read_bytes())
     except (OSError, ValueError):
@@ -937,9 +937,19 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
             f"{wal['alert_lag_mb']:g}); is the receiver keeping up? see max_slot_wal_keep_size in docs/pitr.md"
         )
     bases = list_bases(spec, db)
+    gap = None
     if not bases:
         problems.append(f"{db.name}: no base backup for point-in-time recovery; run invoke wal-base --db {db.name}")
+    else:  # a hole in the archive after the oldest kept base: restores across it are refused
+        oldest = min(bases, key=lambda b: b[1]["created"])[1]
+        gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])[2]
+        if gap:
+            problems.append(
+                f"{db.name}: WAL segment {gap} is missing from the archive; restores to a time after it are refused: "
+                f"take a new base backup (invoke wal-base --db {db.name})"
+            )
     block = {
+        "gap": gap,
         "slot": wal["slot"],
         "segments": len(done),
         "last_segment": last.name if last else None,
@@ -1037,3 +1047,95 @@ def fetch_archive(spec: Spec, db: DatabaseSpec, dest_name: str, work: Path) -> S
             if dest.list_files(f"{db.name}/{area}"):
                 dest.get_files(f"{db.name}/{area}", target)
     return replace(spec, backup_dir=work)
+
+
+# -- re-verification (invoke verify) ------------------------------------------------------------------------
+def _check_base(spec: Spec, path: Path, record: Mapping[str, Any]) -> list[str]:
+    """Decode a stored base backup again and check the tar (the same checks as when it was taken).
+    Raises VerificationFailed."""
+    from lib.backup import decode_stages
+
+    if crypto.mode(spec) == "public-key":
+        return crypto.check_structure(spec, path)
+    stages = [*decode_stages(spec, path, dict(record)), Stage("tar check", [sys.executable, "-c", TAR_CHECK])]
+    result = run_pipeline(stages, HashSink(), source=path)
+    cause = result.cause()
+    if cause is not None:
+        crypto.explain_failure(spec, cause, path)
+        raise VerificationFailed(f"{path.name} failed verification: {cause.name}: {cause.stderr or 'no message'}")
+    return (["gpg-decrypt"] if crypto.is_encrypted(path) else []) + [
+        f"{record['compression']}-integrity",
+        "tar-structure",
+    ]
+
+
+def verify_archive(spec: Spec, db: DatabaseSpec, report: logging.Logger) -> int:
+    """Re-verify ``db``'s point-in-time archive for invoke verify: every base backup and stored WAL
+    segment (its sha256, then decoded again: the segment must match the sha256 recorded when it was
+    received), and that the segments run without a gap from the oldest kept base backup's start.
+    Logs each problem as an error and a summary; returns the number of problems. A file the running
+    receiver or retention removed meanwhile is skipped."""
+    failed = 0
+
+    def check(path: Path, record: Mapping[str, Any], verify: Any) -> bool:
+        nonlocal failed
+        label = f"wal/{path.parent.name}/{path.name}"
+        try:
+            if sha256_file(path) != record.get("sha256"):
+                raise VerificationFailed(f"{label}: sha256 does not match its record; the file was changed or damaged")
+            verify()
+        except FileNotFoundError:
+            return path.exists()  # replaced (partial snapshot) or pruned while we read it: not a failure
+        except VerificationFailed as exc:
+            text = str(exc).removeprefix(label).removeprefix(path.name).lstrip(": ")
+            report.error("%s: %s: %s", db.name, label, text)
+            failed += 1
+            return False
+        return True
+
+    bases = list_bases(spec, db)
+    for path, record in bases:
+        check(path, record, lambda p=path, r=record: _check_base(spec, p, r))
+    done, partial = list_segments(spec, db)
+    for segment in [*done, *([partial] if partial else [])]:
+        record = segment.record
+        check(
+            segment.path,
+            record,
+            lambda s=segment, r=record: _verify_written(spec, s.path, r.get("raw_sha256", ""), r, s.path.name),
+        )
+    if not bases:
+        report.error("%s: no base backup for point-in-time recovery; run invoke wal-base --db %s", db.name, db.name)
+        return failed + 1
+    oldest = min(bases, key=lambda b: b[1]["created"])[1]
+    run, tail, gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])
+    if gap:
+        report.error(
+            "%s: WAL segment %s is missing from the archive (%s): restores to a time after it are refused; "
+            "take a new base backup (invoke wal-base --db %s) so that restores after it work again",
+            db.name,
+            gap,
+            f"a gap after {run[-1].name}" if run else "the oldest base backup starts in it",
+            db.name,
+        )
+        failed += 1
+    elif not run and tail is None:
+        report.error(
+            "%s: the archive holds no WAL from %s (where the oldest base backup starts) on; is invoke wal-receive "
+            "running?",
+            db.name,
+            oldest["start_segment"],
+        )
+        failed += 1
+    if not failed:
+        end = (tail.name + " (partial)") if tail else run[-1].name
+        report.info(
+            "%s: WAL archive OK: %d base backup(s) and %d stored segment(s) verified (sha256, decoded again); "
+            "no gap from %s to %s",
+            db.name,
+            len(bases),
+            len(done) + (1 if partial else 0),
+            oldest["start_segment"],
+            end,
+        )
+    return failed

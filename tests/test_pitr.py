@@ -148,6 +148,8 @@ def test_restore_to_a_time_between_commits_brings_back_exactly_what_was_committe
     # no commit after this time in the archive, which provably holds everything up to it: all 30
     quiet = ok(ws.invoke("restore", "--to-time", ws.quiet, "--into", "pitr_quiet", "--yes"))
     assert count(source, "pitr_quiet") == 30, quiet.stderr
+    verified = ok(ws.invoke("verify"))  # invoke verify decodes every base backup and segment again
+    assert "pg: WAL archive OK: 2 base backup(s) and " in verified.stderr and "no gap from " in verified.stderr
     drill = ok(ws.invoke("drill", "--to-latest"))
     assert "pg: OK" in drill.stdout and "30 row(s)" in drill.stdout
     last = json.loads(ws.invoke("status", "--json").stdout)["databases"]["pg"]["last_drill"]
@@ -171,6 +173,19 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     assert result.returncode == 2, result.stderr
     assert f"WAL segment {missing} is missing from the archive" in result.stderr
     assert source.sql("SELECT count(*) FROM pg_database;") == before  # nothing created or touched
+    # invoke verify and status see the hole too; a damaged segment fails verify
+    other = next(p for p in segments if p != victim)
+    data = bytearray(other.read_bytes())
+    data[len(data) // 2] ^= 1
+    other.write_bytes(bytes(data))
+    verified = copy.invoke("verify")
+    assert verified.returncode == 1, verified.stderr
+    assert f"pg: WAL segment {missing} is missing from the archive (a gap after " in verified.stderr
+    assert f"pg: wal/archive/{other.name}: sha256 does not match its record" in verified.stderr
+    status = json.loads(copy.invoke("status", "--json").stdout)
+    assert status["databases"]["pg"]["wal"]["gap"] == missing
+    assert any(f"WAL segment {missing} is missing from the archive" in p for p in status["problems"])
+    shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / other.name, other)
     future = copy.invoke("restore", "--to-time", "2999-01-01 00:00:00+00", "--into", "pitr_gap", "--yes")
     assert future.returncode == 2 and "in the future" in future.stderr
     time.sleep(1.1)
