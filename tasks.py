@@ -167,7 +167,9 @@ def validate(c, config=None):
 )
 @guarded
 def list_(c, db=None, dest=None, config=None):
-    """List stored backups per database and tier, newest first, with size, age and verified state."""
+    """List stored backups per database and tier, newest first, with size, age and verified state (and the point-in-time archive)."""
+    from lib import wal
+
     spec = spec_and_log(config, with_file_log=False)
     if dest:
         from lib.offsite import listing_lines
@@ -189,6 +191,8 @@ def list_(c, db=None, dest=None, config=None):
             from lib.engines.pgdatabase import describe
 
             print(f"  database properties (newest backup): {describe(props)}")
+        if wal.enabled(item):
+            print("\n".join(wal.listing_lines(spec, item, now)))
         for legacy in store.legacy_files(spec.backup_dir, item.name):
             print(
                 f"  {legacy.parent.name:<8} {legacy.name:<40} {store.human_size(legacy.stat().st_size):>10}  no record (not made by this tool; never pruned)"

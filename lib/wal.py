@@ -1139,3 +1139,28 @@ def verify_archive(spec: Spec, db: DatabaseSpec, report: logging.Logger) -> int:
             end,
         )
     return failed
+
+
+def listing_lines(spec: Spec, db: DatabaseSpec, now: datetime) -> list[str]:
+    """invoke list: the base backups (newest first) and a summary of the stored WAL."""
+    lines = []
+    for path, record in list_bases(spec, db):
+        age = store.human_age(now - store.parse_iso(record["created"]))
+        checks = ",".join((record.get("verified") or {}).get("checks", []))
+        lines.append(
+            f"  {'wal base':<8} {path.name:<40} {store.human_size(record.get('size', 0)):>10} {age:>5} old  "
+            f"verified [{checks}]; starts at WAL segment {record.get('start_segment')}"
+        )
+    done, partial = list_segments(spec, db)
+    if done or partial:
+        size = sum(s.record.get("size", 0) for s in done) + (partial.record.get("size", 0) if partial else 0)
+        newest = max([s.received for s in done] + ([partial.received] if partial else []))
+        span = f"{done[0].name} .. {done[-1].name}" if done else "none completed"
+        lines.append(
+            f"  {'wal':<8} {len(done)} segment(s) {span}"
+            + (f" + partial snapshot {partial.name}" if partial else "")
+            + f", {store.human_size(size)}, newest {store.human_age(now - newest)} old"
+        )
+    elif enabled(db):
+        lines.append(f"  {'wal':<8} no WAL archived yet (invoke wal-receive --db {db.name})")
+    return lines

@@ -148,6 +148,8 @@ def test_restore_to_a_time_between_commits_brings_back_exactly_what_was_committe
     # no commit after this time in the archive, which provably holds everything up to it: all 30
     quiet = ok(ws.invoke("restore", "--to-time", ws.quiet, "--into", "pitr_quiet", "--yes"))
     assert count(source, "pitr_quiet") == 30, quiet.stderr
+    listed = ok(ws.invoke("list")).stdout  # invoke list shows the base backups and the archive's extent
+    assert listed.count("  wal base base_") == 2 and "  wal      4 segment(s) " in listed
     verified = ok(ws.invoke("verify"))  # invoke verify decodes every base backup and segment again
     assert "pg: WAL archive OK: 2 base backup(s) and " in verified.stderr and "no gap from " in verified.stderr
     drill = ok(ws.invoke("drill", "--to-latest"))
