@@ -89,9 +89,11 @@ def plan(spec: Spec, db: DatabaseSpec, target: datetime | None) -> Plan:
     ends = [s.received for s in run] + ([partial.received] if partial else [])
     if target is None:
         if gap:
+            whole = f"; the archive is whole up to {max(ends).isoformat()}" if run else ""
             raise InputError(
                 f"{db.name}: WAL segment {gap} is missing from the archive (a gap after {run[-1].name if run else record['start_segment']}); "
-                "restoring to the latest point would cross it: restore with --to-time before the gap, or restore the segment"
+                f"restoring to the latest point would cross it: restore with --to-time before the gap{whole}, or put the "
+                "segment back"
             )
     else:
         # records keep whole seconds: a file received at 10:42:07 may hold WAL up to 10:42:07.999; whether
@@ -105,14 +107,34 @@ def plan(spec: Spec, db: DatabaseSpec, target: datetime | None) -> Plan:
                     f"would cross that gap (the archive is whole only up to {end})"
                 )
             raise InputError(
-                f"{db.name}: {target.isoformat()} is beyond the archive's end ({end}); is invoke wal-receive running? "
-                "pick an earlier time or use --to-latest"
+                f"{db.name}: {target.isoformat()} is beyond the archive's end ({end}); {_behind(spec, db)}"
             )
     if not run and partial is None:
         raise InputError(
             f"{db.name}: the archive holds no WAL from {record['start_segment']} on; run invoke wal-receive"
         )
     return Plan(db=db, target=target, base=base, base_record=record, segments=run, partial=partial)
+
+
+def _behind(spec: Spec, db: DatabaseSpec) -> str:
+    """What to do about a target past the archive's end: wait for the running receiver's next partial
+    snapshot, or start the receiver."""
+    import json
+
+    try:
+        state = json.loads(wal.heartbeat_path(spec, db).read_bytes())
+    except (OSError, ValueError):
+        state = {}
+    every = wal.settings(db).get("partial_snapshot_seconds") or 0
+    if state.get("mode") == "continuous" and "stopped" not in state and every:
+        return (
+            f"the running receiver stores the unfinished segment every {every:g}s (wal.partial_snapshot_seconds): "
+            "retry after the next one, pick an earlier time, or use --to-latest"
+        )
+    return (
+        f"is the receiver running? (invoke wal-receive --db {db.name}; --once catches up) pick an earlier time "
+        "or use --to-latest"
+    )
 
 
 # -- the throwaway cluster ----------------------------------------------------------------------------

@@ -190,6 +190,8 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / other.name, other)
     future = copy.invoke("restore", "--to-time", "2999-01-01 00:00:00+00", "--into", "pitr_gap", "--yes")
     assert future.returncode == 2 and "in the future" in future.stderr
+    empty = copy.invoke("restore", "--to-time", "", "--into", "pitr_gap", "--yes")
+    assert empty.returncode == 2 and "--to-time '': not a time; use e.g. " in empty.stderr
     time.sleep(1.1)
     beyond = source.sql("SELECT clock_timestamp() - interval '1 second';")  # after the last --once
     shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / victim.name, victim)  # whole again
