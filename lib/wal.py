@@ -48,6 +48,7 @@ RECORD_FORMAT = 1
 ONCE_TIMEOUT = 300
 SHIP_RETRY = 60  # seconds before a failed off-site copy of the archive is tried again
 HEARTBEAT = 10  # seconds between the receiver's heartbeat writes (status: is it running?)
+METRICS_EVERY = 60  # seconds between the running receiver's rewrites of the metrics textfile
 DEFAULTS = {
     "synchronous": False,
     "base_keep_days": 14,
@@ -535,6 +536,17 @@ def lsn_value(text: str) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
+def _write_metrics(spec: Spec) -> None:
+    """Rewrite the metrics textfile (when configured) so the WAL gauges stay fresh between backup
+    runs. Never stops the receiver: a failure is a warning."""
+    from lib.metrics import write_metrics
+
+    try:
+        write_metrics(spec)
+    except Exception as exc:  # noqa: BLE001 - the receiver must keep receiving
+        log.warning("could not rewrite the metrics file: %s", exc)
+
+
 def write_heartbeat(spec: Spec, db: DatabaseSpec, state: dict[str, Any]) -> None:
     store.write_atomic(heartbeat_path(spec, db), json.dumps(state, indent=1).encode())
 
@@ -616,6 +628,7 @@ def _receive(
     }
     stored: list[Segment] = []
     begun = last_snapshot = time.monotonic()
+    metrics_at = begun - METRICS_EVERY + HEARTBEAT  # first rewrite once the first heartbeat is written
     beat = -HEARTBEAT
     snapshot_every = float(wal.get("partial_snapshot_seconds") or 0)
     stopped_by: str | None = None
@@ -640,6 +653,9 @@ def _receive(
                 break  # --once: the receiver has everything written before it started
             if end is not None and time.monotonic() - begun > ONCE_TIMEOUT:
                 raise RunFailed(f"{db.name}: --once: the receiver did not reach {end} in {ONCE_TIMEOUT}s")
+            if not once and time.monotonic() - metrics_at >= METRICS_EVERY:
+                _write_metrics(spec)
+                metrics_at = time.monotonic()
             if snapshot_every and not once and time.monotonic() - last_snapshot >= snapshot_every:
                 covered_snapshot(spec, db, conn, slot, staging, info.segment_size)
                 last_snapshot = time.monotonic()
@@ -673,6 +689,7 @@ def _receive(
     state["updated"] = store.iso(store.utcnow())
     state["stopped"] = state["updated"]
     write_heartbeat(spec, db, state)
+    _write_metrics(spec)
     if spec.destinations:
         ship(spec, db)
     if proc.returncode not in (0, -signal.SIGINT) and stopped_by is None:
@@ -957,6 +974,7 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
         "seconds_since_last_segment": int((now - last.received).total_seconds()) if last else None,
         "partial_snapshot": partial.record["received"] if partial else None,
         "receiver_running": running,
+        "receiver_heartbeat": state.get("updated"),
         "receiver_heartbeat_age_seconds": beat_age,
         "slot_lag_bytes": lag,
         "base_backups": len(bases),

@@ -339,6 +339,9 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
     ws = make_workspace(
         tmp_path / "ws", source, "pitr_live", synchronous=True, slot="lemon_backup_live", user="pitr_streamer"
     )
+    config = yaml.safe_load(ws.config.read_text())
+    config["monitoring"] = {"prometheus_textfile": str(tmp_path / "lemon.prom")}
+    ws.write_config(config)
     ok(ws.invoke("wal-receive", "--once"))
     ok(ws.invoke("wal-base"))
 
@@ -386,6 +389,8 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
     out, err = receiver.communicate(timeout=60)
     assert receiver.returncode == 0, err
     assert "stopped by SIGTERM" in out and "partial segment" in out
+    prom = (tmp_path / "lemon.prom").read_text()  # the receiver keeps the metrics fresh, and on its stop
+    assert 'lemon_backup_wal_receiver_up{database="pg"} 0' in prom
     stopped = json.loads(ws.invoke("status", "--json").stdout)
     assert stopped["databases"]["pg"]["wal"]["receiver_running"] is False
     assert any("WAL receiver is not running (stopped)" in p for p in stopped["problems"])
@@ -453,6 +458,8 @@ def test_status_and_metrics_show_the_archive_the_receiver_and_the_slot_lag(sourc
     prom = (tmp_path / "lemon.prom").read_text()
     assert 'lemon_backup_wal_receiver_up{database="pg"} 0' in prom
     assert 'lemon_backup_wal_slot_lag_bytes{database="pg"}' in prom
+    assert 'lemon_backup_wal_receiver_heartbeat_timestamp_seconds{database="pg"} 1' in prom
+    assert 'lemon_backup_wal_last_segment_timestamp_seconds{database="pg"} 1' in prom
     ok(ws.invoke("wal-receive", "--once"))  # the archive catches up; the slot moves on
     config["databases"]["pg"]["wal"].update(alert_lag_mb=1024, alert_after_seconds=900)
     ws.write_config(config)
