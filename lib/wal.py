@@ -1182,3 +1182,30 @@ def listing_lines(spec: Spec, db: DatabaseSpec, now: datetime) -> list[str]:
     elif enabled(db):
         lines.append(f"  {'wal':<8} no WAL archived yet (invoke wal-receive --db {db.name})")
     return lines
+
+
+def remote_listing_lines(dest: Any, db: DatabaseSpec) -> list[str]:
+    """invoke list --dest: the base backups and WAL segments a destination holds for ``db``."""
+    if not hasattr(dest, "list_files"):
+        return [f"  {'wal':<8} {dest.type} destinations do not hold WAL archives"]
+    bases = dest.list_files(f"{db.name}/wal/base")
+    segments = dest.list_files(f"{db.name}/wal/archive")
+    lines = [
+        f"  {'wal base':<8} {name:<40} {store.human_size(size):>10}"
+        for name, size in sorted(bases.items(), reverse=True)
+        if OURS.match(name) and not name.endswith((".json", ".sha256"))
+    ]
+    data = sorted(n for n in segments if OURS.match(n) and n[:24].isalnum() and not n.endswith(".json"))
+    done = [n for n in data if ".partial" not in n]
+    partial = [n for n in data if ".partial" in n]
+    if data:
+        size = sum(segments[n] for n in data)
+        lines.append(
+            f"  {'wal':<8} {len(done)} segment(s)"
+            + (f" {done[0][:24]} .. {done[-1][:24]}" if done else "")
+            + (f" + partial snapshot {partial[-1][:24]}" if partial else "")
+            + f", {store.human_size(size)}"
+        )
+    elif not bases:
+        lines.append(f"  {'wal':<8} no WAL archive here (invoke offsite copies it)")
+    return lines

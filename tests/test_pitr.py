@@ -295,6 +295,11 @@ def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, arc
     ok(copy.invoke("offsite"))  # what was pruned here goes there too
     for area in ("archive", "base"):
         assert remote(area) == names(copy.backup_dir / "pg" / "wal" / area)
+    listed = ok(copy.invoke("list", "--dest", "nas")).stdout  # list --dest shows what it holds of the archive
+    stored = [
+        n for n in names(copy.backup_dir / "pg" / "wal" / "archive") if n.endswith(".gpg") and ".partial" not in n
+    ]
+    assert listed.count("  wal base base_") == 1 and f"  wal      {len(stored)} segment(s) " in listed, listed
     shutil.rmtree(copy.backup_dir / "pg" / "wal")  # the backup host lost its archive
     result = ok(copy.invoke("restore", "--to-latest", "--from", "nas", "--into", f"pitr_from_{kind}", "--yes"))
     assert "from off-site destination nas" in result.stdout
