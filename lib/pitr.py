@@ -285,8 +285,7 @@ def build(spec: Spec, p: Plan, cluster: RecoveryCluster, archive_spec: Spec | No
         if not covers or datetime.fromisoformat(covers) < p.target:
             raise RunFailed(
                 f"{p.db.name}: the archive holds no commit after {p.target.isoformat()} and is known to be complete "
-                f"only up to {covers or 'an unknown time'}; run invoke wal-receive --once --db {p.db.name} and retry, "
-                "or restore --to-latest (nothing was touched)"
+                f"only up to {covers or 'an unknown time'} (nothing was touched); {_behind(spec, p.db)}"
             )
         log.info("%s: no transaction after %s in the archive; replaying to its end", p.db.name, p.target.isoformat())
         cluster.stop()
