@@ -1105,6 +1105,8 @@ def verify_archive(spec: Spec, db: DatabaseSpec, report: logging.Logger) -> int:
         except FileNotFoundError:
             return path.exists()  # replaced (partial snapshot) or pruned while we read it: not a failure
         except VerificationFailed as exc:
+            if not path.exists():
+                return True  # gone while we read it (a newer partial snapshot replaced it): not damage
             text = str(exc).removeprefix(label).removeprefix(path.name).lstrip(": ")
             report.error("%s: %s: %s", db.name, label, text)
             failed += 1
