@@ -80,7 +80,7 @@ def plan(spec: Spec, db: DatabaseSpec, target: datetime | None) -> Plan:
             oldest = bases[-1][1]
             raise InputError(
                 f"{db.name}: no base backup finished before {target.isoformat()}; the oldest finished at "
-                f"{oldest['finished']}: pick a later time"
+                f"{store.parse_iso(oldest['finished']).astimezone(target.tzinfo).isoformat()}: pick a later time"
             )
         base, record = usable[0]
     else:

@@ -190,6 +190,9 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / other.name, other)
     future = copy.invoke("restore", "--to-time", "2999-01-01 00:00:00+00", "--into", "pitr_gap", "--yes")
     assert future.returncode == 2 and "in the future" in future.stderr
+    early = copy.invoke("restore", "--to-time", "2000-01-01 00:00:00+09:00", "--into", "pitr_gap", "--yes")
+    assert early.returncode == 2 and "no base backup finished before 2000-01-01T00:00:00+09:00" in early.stderr
+    assert "+09:00: pick a later time" in early.stderr  # the oldest base's end, in the offset asked in
     empty = copy.invoke("restore", "--to-time", "", "--into", "pitr_gap", "--yes")
     assert empty.returncode == 2 and "--to-time '': not a time; use e.g. " in empty.stderr
     time.sleep(1.1)
