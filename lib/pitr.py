@@ -262,6 +262,19 @@ def proven_until(p: Plan, cover: dict[str, Any] | None) -> str | None:
     return cover["covers_until"] if last >= needed else None
 
 
+def staged_first(p: Plan) -> tuple[list[wal.Segment], list[wal.Segment]]:
+    """The segments to stage before the replay starts, and the rest (staged only when the replay
+    needs them): for a target time, those received before it plus the first received after it
+    (it holds the target; the next commit after it stops the replay), so that a restore to early
+    in a long archive does not decode the whole archive first. Everything for --to-latest."""
+    every = [*p.segments, *([p.partial] if p.partial else [])]
+    if p.target is None:
+        return every, []
+    after = [i for i, s in enumerate(every) if s.received + timedelta(seconds=1) > p.target]
+    cut = after[0] + 2 if after else len(every)
+    return every[:cut], every[cut:]
+
+
 def build(spec: Spec, p: Plan, cluster: RecoveryCluster, archive_spec: Spec | None = None) -> dict[str, Any]:
     """Extract the base backup, stage the WAL, replay to the target and promote. Returns
     {'recovery_point': text or None, 'reached_target': bool, 'seconds': float}."""
@@ -270,13 +283,26 @@ def build(spec: Spec, p: Plan, cluster: RecoveryCluster, archive_spec: Spec | No
     cluster.sock.mkdir()
     cluster.walstage.mkdir()
     _decode_into(spec, p.base, p.base_record, Stage("tar -x", ["tar", "-x", "-f", "-", "-C", str(cluster.data)]), None)
-    for segment in p.segments:
-        _decode_into(spec, segment.path, segment.record, None, cluster.walstage / segment.name)
-    if p.partial is not None:  # a partial segment is full-size, zero-padded: replay stops at its end
-        _decode_into(spec, p.partial.path, p.partial.record, None, cluster.walstage / p.partial.name)
+    first, rest = staged_first(p)
+
+    def stage(segments: list[wal.Segment]) -> None:
+        for segment in segments:  # a partial segment is full-size, zero-padded: replay stops at its end
+            _decode_into(spec, segment.path, segment.record, None, cluster.walstage / segment.name)
+
+    stage(first)
     log.info("%s: replaying %s", p.db.name, p.describe())
     cluster.configure(p.target)
     ok, text = cluster.start()
+    if not ok and rest and NOT_REACHED in text:
+        # no commit after the target in the segments received up to it: the rest of the archive
+        # decides (recovery continues where it stopped)
+        log.info(
+            "%s: the target lies beyond the first %d segment(s); staging the other %d", p.db.name, len(first), len(rest)
+        )
+        stage(rest)
+        cluster.stop()
+        cluster.configure(p.target)
+        ok, text = cluster.start()
     reached = p.target is not None
     if not ok and p.target is not None and NOT_REACHED in text:
         # no commit after the target anywhere in the archive: the state at the target is the end

@@ -309,6 +309,26 @@ def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, arc
     assert count(source, f"pitr_from_{kind}") == 30
 
 
+def test_a_restore_to_early_in_a_long_archive_stages_only_the_wal_up_to_the_target(tmp_path):
+    from datetime import UTC, datetime
+
+    from lib import pitr, wal
+
+    def segment(number: int, minute: int, partial: bool = False) -> wal.Segment:
+        received = f"2026-12-01T10:{minute:02d}:00Z"
+        return wal.Segment(tmp_path / str(number), {"number": number, "received": received, "partial": partial})
+
+    segments = [segment(n, n) for n in range(10)]  # one segment a minute, 10:00 .. 10:09
+    plan = pitr.Plan(None, datetime(2026, 12, 1, 10, 2, 30, tzinfo=UTC), tmp_path, {}, segments, segment(10, 10, True))
+    first, rest = pitr.staged_first(plan)
+    # up to 10:02 received before the target, 10:03 holds it, 10:04 in case the next commit is there
+    assert [s.number for s in first] == [0, 1, 2, 3, 4] and [s.number for s in rest] == [5, 6, 7, 8, 9, 10]
+    plan.target = datetime(2026, 12, 1, 10, 30, tzinfo=UTC)  # past everything: all of it
+    assert len(pitr.staged_first(plan)[0]) == 11
+    plan.target = None  # --to-latest: all of it
+    assert pitr.staged_first(plan) == ([*segments, plan.partial], [])
+
+
 def test_retention_keeps_every_segment_a_kept_base_needs(source, archive, tmp_path):
     from datetime import timedelta
 
