@@ -55,6 +55,11 @@ def verify_stored(spec: Spec, file: str | None, names: list[str] | None, log: lo
         path = Path(file).expanduser()
         if not path.is_file():
             raise InputError(f"--file {file}: no such file; pass an existing backup file")
+        from lib import wal
+
+        owner = wal.archive_of(spec, path.resolve())
+        if owner is not None:  # a base backup or WAL segment of the point-in-time archive
+            return wal.verify_file(spec, owner, path.resolve(), log)
         backup = store.load(path.resolve())
         db = database_for_file(spec, path, backup.record if backup else None)
         failed = 0 if verify_one(spec, db, path.resolve(), backup, log) else 1

@@ -1087,43 +1087,68 @@ def _check_base(spec: Spec, path: Path, record: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def check_stored(spec: Spec, db: DatabaseSpec, path: Path, record: Mapping[str, Any], report: logging.Logger) -> bool:
+    """Re-verify one stored base backup or WAL segment: its sha256, then decoded again (a segment
+    must match the sha256 recorded when it was received; a base backup's tar is read through).
+    Logs a problem as an error; returns False then. A file the running receiver or retention
+    removed meanwhile passes (it is not damage)."""
+    label = f"wal/{path.parent.name}/{path.name}"
+    try:
+        if sha256_file(path) != record.get("sha256"):
+            raise VerificationFailed(f"{label}: sha256 does not match its record; the file was changed or damaged")
+        if path.parent.name == "base":
+            checks = _check_base(spec, path, record)
+        else:
+            checks = _verify_written(spec, path, record.get("raw_sha256", ""), record, path.name)
+    except FileNotFoundError as exc:
+        if not path.exists():
+            return True  # replaced (partial snapshot) or pruned while we read it: not damage
+        report.error("%s: %s: %s", db.name, label, exc)
+        return False
+    except VerificationFailed as exc:
+        if not path.exists():
+            return True  # gone while we read it (a newer partial snapshot replaced it): not damage
+        text = str(exc).removeprefix(label).removeprefix(path.name).lstrip(": ")
+        report.error("%s: %s: %s", db.name, label, text)
+        return False
+    report.debug("%s: %s OK (sha256, %s)", db.name, label, ", ".join(checks))
+    return True
+
+
+def verify_file(spec: Spec, db: DatabaseSpec, path: Path, report: logging.Logger) -> int:
+    """invoke verify --file on a base backup or segment of the archive. Returns 1 when it failed."""
+    try:
+        record = json.loads(store.record_path(path).read_bytes())
+    except (OSError, ValueError):
+        raise InputError(
+            f"--file {path.name}: no readable record ({store.record_path(path).name}) next to it; restores skip it"
+        ) from None
+    if not check_stored(spec, db, path, record, report):
+        return 1
+    report.info("%s: wal/%s/%s OK", db.name, path.parent.name, path.name)
+    return 0
+
+
+def archive_of(spec: Spec, path: Path) -> DatabaseSpec | None:
+    """The database with wal enabled whose archive or base backups ``path`` lies in, else None."""
+    for db in spec.databases.values():
+        if enabled(db) and path.parent in (archive_dir(spec, db).resolve(), base_dir(spec, db).resolve()):
+            return db
+    return None
+
+
 def verify_archive(spec: Spec, db: DatabaseSpec, report: logging.Logger) -> int:
     """Re-verify ``db``'s point-in-time archive for invoke verify: every base backup and stored WAL
-    segment (its sha256, then decoded again: the segment must match the sha256 recorded when it was
-    received), and that the segments run without a gap from the oldest kept base backup's start.
-    Logs each problem as an error and a summary; returns the number of problems. A file the running
-    receiver or retention removed meanwhile is skipped."""
+    segment (check_stored), and that the segments run without a gap from the oldest kept base
+    backup's start. Logs each problem as an error and a summary; returns the number of problems."""
     failed = 0
-
-    def check(path: Path, record: Mapping[str, Any], verify: Any) -> bool:
-        nonlocal failed
-        label = f"wal/{path.parent.name}/{path.name}"
-        try:
-            if sha256_file(path) != record.get("sha256"):
-                raise VerificationFailed(f"{label}: sha256 does not match its record; the file was changed or damaged")
-            verify()
-        except FileNotFoundError:
-            return path.exists()  # replaced (partial snapshot) or pruned while we read it: not a failure
-        except VerificationFailed as exc:
-            if not path.exists():
-                return True  # gone while we read it (a newer partial snapshot replaced it): not damage
-            text = str(exc).removeprefix(label).removeprefix(path.name).lstrip(": ")
-            report.error("%s: %s: %s", db.name, label, text)
-            failed += 1
-            return False
-        return True
 
     bases = list_bases(spec, db)
     for path, record in bases:
-        check(path, record, lambda p=path, r=record: _check_base(spec, p, r))
+        failed += 0 if check_stored(spec, db, path, record, report) else 1
     done, partial = list_segments(spec, db)
     for segment in [*done, *([partial] if partial else [])]:
-        record = segment.record
-        check(
-            segment.path,
-            record,
-            lambda s=segment, r=record: _verify_written(spec, s.path, r.get("raw_sha256", ""), r, s.path.name),
-        )
+        failed += 0 if check_stored(spec, db, segment.path, segment.record, report) else 1
     if not bases:
         report.error("%s: no base backup for point-in-time recovery; run invoke wal-base --db %s", db.name, db.name)
         return failed + 1

@@ -184,6 +184,9 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     assert verified.returncode == 1, verified.stderr
     assert f"pg: WAL segment {missing} is missing from the archive (a gap after " in verified.stderr
     assert f"pg: wal/archive/{other.name}: sha256 does not match its record" in verified.stderr
+    one = copy.invoke("verify", "--file", str(other))  # one file of the archive, as an operator would
+    assert one.returncode == 1 and "sha256 does not match its record" in one.stderr
+    assert "invalid record" not in one.stderr and "move the backup away" not in one.stderr
     status = json.loads(copy.invoke("status", "--json").stdout)
     assert status["databases"]["pg"]["wal"]["gap"] == missing
     assert any(f"WAL segment {missing} is missing from the archive" in p for p in status["problems"])
