@@ -190,6 +190,7 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     status = json.loads(copy.invoke("status", "--json").stdout)
     assert status["databases"]["pg"]["wal"]["gap"] == missing
     assert any(f"WAL segment {missing} is missing from the archive" in p for p in status["problems"])
+    assert f", GAP: segment {missing} missing" in copy.invoke("status").stdout
     shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / other.name, other)
     future = copy.invoke("restore", "--to-time", "2999-01-01 00:00:00+00", "--into", "pitr_gap", "--yes")
     assert future.returncode == 2 and "in the future" in future.stderr
