@@ -693,6 +693,15 @@ def _receive(
     if spec.destinations:
         ship(spec, db)
     if proc.returncode not in (0, -signal.SIGINT) and stopped_by is None:
+        removed = re.search(r"requested WAL segment ([0-9A-F]{24}) has already been removed", message)
+        if removed:  # restarting cannot help: the server recycled WAL the archive continues from
+            stale = staging / f"{removed.group(1)}.partial"
+            raise RunFailed(
+                f"{db.name}: the server no longer has WAL segment {removed.group(1)}, where the archive continues (the "
+                f"slot {slot} was dropped, or invalidated by max_slot_wal_keep_size): those changes are lost and the "
+                f"archive gets a gap there. To go on: rm {stale} (its last snapshot is archived), start the receiver "
+                f"again, then take a base backup (invoke wal-base --db {db.name}): restores after the gap need one"
+            )
         raise RunFailed(f"{db.name}: pg_receivewal exited with status {proc.returncode}: {message or 'no message'}")
     return {"stored": [s.name for s in stored], "partial": snap.name if snap else None, "stopped_by": stopped_by}
 
@@ -902,6 +911,22 @@ def chain(
     return run, tail, gap
 
 
+def archive_gap(spec: Spec, db: DatabaseSpec, bases: list[tuple[Path, dict[str, Any]]]) -> tuple[str | None, bool]:
+    """(the first segment missing after the oldest kept base backup's start or None, whether the
+    newest base backup starts after that gap with a whole archive from there on: then only
+    restores to a time inside the gap are impossible, and the gap leaves with retention)."""
+    if not bases:
+        return None, False
+    oldest = min(bases, key=lambda b: b[1]["created"])[1]
+    gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])[2]
+    if gap is None:
+        return None, False
+    newest = max(bases, key=lambda b: b[1]["created"])[1]
+    size = newest["segment_size"]
+    later = segment_number(newest["start_segment"], size)[1] > segment_number(gap, size)[1]
+    return gap, later and chain(spec, db, newest["start_segment"], size)[2] is None
+
+
 # -- monitoring ------------------------------------------------------------------------------------------
 def _alive(state: Mapping[str, Any]) -> bool | None:
     """Whether the heartbeat's process still runs (None: another host, cannot tell)."""
@@ -958,15 +983,15 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
     if not bases:
         problems.append(f"{db.name}: no base backup for point-in-time recovery; run invoke wal-base --db {db.name}")
     else:  # a hole in the archive after the oldest kept base: restores across it are refused
-        oldest = min(bases, key=lambda b: b[1]["created"])[1]
-        gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])[2]
-        if gap:
+        gap, covered = archive_gap(spec, db, bases)
+        if gap and not covered:
             problems.append(
                 f"{db.name}: WAL segment {gap} is missing from the archive; restores to a time after it are refused: "
                 f"take a new base backup (invoke wal-base --db {db.name})"
             )
     block = {
         "gap": gap,
+        "gap_before_newest_base": bool(gap) and covered,
         "slot": wal["slot"],
         "segments": len(done),
         "last_segment": last.name if last else None,
@@ -1154,7 +1179,17 @@ def verify_archive(spec: Spec, db: DatabaseSpec, report: logging.Logger) -> int:
         return failed + 1
     oldest = min(bases, key=lambda b: b[1]["created"])[1]
     run, tail, gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])
-    if gap:
+    if gap and archive_gap(spec, db, bases)[1]:
+        report.warning(
+            "%s: WAL segment %s is missing from the archive (%s): restores to a time between it and the newest "
+            "base backup are impossible; the newest base backup starts after it with a whole archive from there",
+            db.name,
+            gap,
+            f"a gap after {run[-1].name}" if run else "the oldest base backup starts in it",
+        )
+        oldest = max(bases, key=lambda b: b[1]["created"])[1]  # whole from the newest base on
+        run, tail, gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])
+    elif gap:
         report.error(
             "%s: WAL segment %s is missing from the archive (%s): restores to a time after it are refused; "
             "take a new base backup (invoke wal-base --db %s) so that restores after it work again",
@@ -1164,15 +1199,13 @@ def verify_archive(spec: Spec, db: DatabaseSpec, report: logging.Logger) -> int:
             db.name,
         )
         failed += 1
-    elif not run and tail is None:
-        report.error(
-            "%s: the archive holds no WAL from %s (where the oldest base backup starts) on; is invoke wal-receive "
-            "running?",
+    if not gap and not run and tail is None:  # not damage: the receiver has not stored it yet (status says why)
+        report.warning(
+            "%s: the archive holds no WAL from %s (where a base backup starts) on yet; is invoke wal-receive running?",
             db.name,
             oldest["start_segment"],
         )
-        failed += 1
-    if not failed:
+    elif not failed:
         end = (tail.name + " (partial)") if tail else run[-1].name
         report.info(
             "%s: WAL archive OK: %d base backup(s) and %d stored segment(s) verified (sha256, decoded again); "

@@ -333,6 +333,33 @@ def test_a_restore_to_early_in_a_long_archive_stages_only_the_wal_up_to_the_targ
     assert pitr.staged_first(plan) == ([*segments, plan.partial], [])
 
 
+def test_a_gap_before_the_newest_base_backup_is_a_warning_not_a_failure(source, archive, tmp_path):
+    from lib import wal
+    from lib.config import load_spec
+
+    ws, _ = archive
+    copy = make_workspace(tmp_path / "ws", source, "pitr_app")
+    copy.write_config(ws.config.read_text())
+    copy.env["PITR_PASSPHRASE"] = PASSPHRASE
+    shutil.copytree(ws.backup_dir, copy.backup_dir)
+    spec = load_spec(copy.config, environ={"PITR_PASSPHRASE": PASSPHRASE})
+    db = spec.databases["pg"]
+    newest = wal.list_bases(spec, db)[0][1]
+    size = newest["segment_size"]
+    done, _ = wal.list_segments(spec, db)
+    start = wal.segment_number(newest["start_segment"], size)[1]
+    victim = [s for s in done if s.number < start][-1]  # lost before the newest base backup starts
+    wal.delete_segment(victim)
+    verified = copy.invoke("verify")
+    assert verified.returncode == 0, verified.stderr  # restores after the newest base still work
+    assert f"WAL segment {victim.name} is missing from the archive" in verified.stderr
+    assert "restores to a time between it and the newest base backup are impossible" in verified.stderr
+    status = json.loads(copy.invoke("status", "--json").stdout)
+    block = status["databases"]["pg"]["wal"]
+    assert block["gap"] == victim.name and block["gap_before_newest_base"] is True
+    assert not any("is missing from the archive" in p for p in status["problems"])
+
+
 def test_retention_keeps_every_segment_a_kept_base_needs(source, archive, tmp_path):
     from datetime import timedelta
 
