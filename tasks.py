@@ -75,7 +75,7 @@ def backup(c, all=False, db=None, tier=None, dry_run=False, wait=None, config=No
         "'2026-12-01 10:42:00+09:00' (no offset: this host's time), from the newest base backup before it plus "
         "the archived WAL, replayed in a throwaway cluster (docs/pitr.md).",
         "to_latest": "postgres with wal enabled: as --to-time, to the newest point the WAL archive holds. With "
-        "--from DEST, the WAL archive and base backups are read from that (rsync) destination.",
+        "--from DEST, the WAL archive and base backups are read from that destination (rsync, sftp or S3).",
     },
 )
 @guarded
@@ -99,9 +99,9 @@ def restore(
     to_latest=False,
 ):
     """Verify a backup, then restore it safely: into a new database, checked, then swapped in."""
-    if (to_time or to_latest) and delete_extra:
+    if (to_time is not None or to_latest) and delete_extra:
         raise InputError("--delete-extra is for bucket restores (--engine s3); drop it with --to-time/--to-latest")
-    if to_time or to_latest:
+    if to_time is not None or to_latest:  # --to-time "" is a bad time, not a plain restore
         return restore_point(
             engine,
             file,
@@ -167,7 +167,9 @@ def validate(c, config=None):
 )
 @guarded
 def list_(c, db=None, dest=None, config=None):
-    """List stored backups per database and tier, newest first, with size, age and verified state."""
+    """List stored backups per database and tier, newest first, with size, age and verified state (and the point-in-time archive)."""
+    from lib import wal
+
     spec = spec_and_log(config, with_file_log=False)
     if dest:
         from lib.offsite import listing_lines
@@ -191,6 +193,8 @@ def list_(c, db=None, dest=None, config=None):
             from lib.engines.pgdatabase import describe
 
             print(f"  database properties (newest backup): {describe(props)}")
+        if wal.enabled(item):
+            print("\n".join(wal.listing_lines(spec, item, now)))
         for legacy in store.legacy_files(spec.backup_dir, item.name):
             print(
                 f"  {legacy.parent.name:<8} {legacy.name:<40} {store.human_size(legacy.stat().st_size):>10}  no record (not made by this tool; never pruned)"
@@ -272,13 +276,13 @@ def restore_point(
     """restore --to-time / --to-latest: a point in time from base backups + archived WAL (lib/pitr.py)."""
     from lib import pitr, wal
 
-    if to_time and to_latest:
+    if to_time is not None and to_latest:
         raise InputError("pass --to-time TIME or --to-latest, not both")
     if file or all:
         raise InputError("--to-time/--to-latest restore from the WAL archive; drop --file and --all")
     if engine not in (None, "postgres"):
         raise InputError("--to-time/--to-latest are for --engine postgres")
-    target = pitr.parse_target(to_time) if to_time else None
+    target = pitr.parse_target(to_time) if to_time is not None else None
     spec = spec_and_log(config)
     item = wal.require_enabled(spec, db)
     ask = confirm_on_terminal(yes)
@@ -319,7 +323,8 @@ def drill_wal(db, from_, local_server, config):
         item = wal.require_enabled(spec, name)
         report = pitr.drill_to_latest(spec, item)
         if not report["ok"]:
-            failed.append(f"{name}: {report['error']}")
+            error = report["error"]
+            failed.append(error if error.startswith(f"{name}: ") else f"{name}: {error}")
             continue
         print(
             f"{name}: OK: {report['plan']}; recovered to {report['recovery_point'] or 'the base backup'}; "

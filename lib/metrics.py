@@ -43,6 +43,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "wal_receiver_up": ("gauge", "1 when the WAL receiver's heartbeat is fresh (invoke wal-receive runs)."),
     "wal_slot_lag_bytes": ("gauge", "WAL the server keeps for the receiver's replication slot, in bytes."),
     "wal_base_backup_age_seconds": ("gauge", "Age of the newest base backup for point-in-time recovery."),
+    "wal_last_segment_timestamp_seconds": ("gauge", "When the newest WAL segment was archived."),
+    "wal_receiver_heartbeat_timestamp_seconds": ("gauge", "The WAL receiver's last heartbeat."),
 }
 
 
@@ -97,6 +99,8 @@ def samples(report: dict[str, Any]) -> dict[str, list[tuple[dict[str, str], floa
             add("wal_receiver_up", db, 1 if block["receiver_running"] else 0)
             add("wal_slot_lag_bytes", db, block["slot_lag_bytes"])
             add("wal_base_backup_age_seconds", db, block["newest_base_age_seconds"])
+            add("wal_last_segment_timestamp_seconds", db, _ts(block["last_archived"]))
+            add("wal_receiver_heartbeat_timestamp_seconds", db, _ts(block.get("receiver_heartbeat")))
     return out
 
 

@@ -196,6 +196,10 @@ def listing_lines(spec: Spec, dest_name: str, dbs: list[DatabaseSpec]) -> list[s
                         f"  {tier:<8} {remote.file:<40} {store.human_size(remote.size):>10} "
                         f"{store.human_age(now - remote.created):>5} old  {state}"
                     )
+            from lib import wal
+
+            if wal.enabled(db):
+                lines += wal.remote_listing_lines(dest, db)
             if listing.leftovers:
                 lines.append(
                     f"  {len(listing.leftovers)} leftover(s) of interrupted uploads (removed by the next push)"

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def plan(spec: Spec, db: DatabaseSpec, target: datetime | None) -> Plan:
             oldest = bases[-1][1]
             raise InputError(
                 f"{db.name}: no base backup finished before {target.isoformat()}; the oldest finished at "
-                f"{oldest['finished']}: pick a later time"
+                f"{store.parse_iso(oldest['finished']).astimezone(target.tzinfo).isoformat()}: pick a later time"
             )
         base, record = usable[0]
     else:
@@ -89,12 +89,16 @@ def plan(spec: Spec, db: DatabaseSpec, target: datetime | None) -> Plan:
     ends = [s.received for s in run] + ([partial.received] if partial else [])
     if target is None:
         if gap:
+            whole = f"; the archive is whole up to {max(ends).isoformat()}" if run else ""
             raise InputError(
                 f"{db.name}: WAL segment {gap} is missing from the archive (a gap after {run[-1].name if run else record['start_segment']}); "
-                "restoring to the latest point would cross it: restore with --to-time before the gap, or restore the segment"
+                f"restoring to the latest point would cross it: restore with --to-time before the gap{whole}, or put the "
+                "segment back"
             )
     else:
-        covered = [moment for moment in ends if moment >= target]
+        # records keep whole seconds: a file received at 10:42:07 may hold WAL up to 10:42:07.999; whether
+        # the archive really holds everything up to the target is proven after the replay (build)
+        covered = [moment for moment in ends if moment + timedelta(seconds=1) > target]
         if not covered:
             end = max(ends).isoformat() if ends else "nothing archived after the base backup"
             if gap:
@@ -103,14 +107,34 @@ def plan(spec: Spec, db: DatabaseSpec, target: datetime | None) -> Plan:
                     f"would cross that gap (the archive is whole only up to {end})"
                 )
             raise InputError(
-                f"{db.name}: {target.isoformat()} is beyond the archive's end ({end}); is invoke wal-receive running? "
-                "pick an earlier time or use --to-latest"
+                f"{db.name}: {target.isoformat()} is beyond the archive's end ({end}); {_behind(spec, db)}"
             )
     if not run and partial is None:
         raise InputError(
             f"{db.name}: the archive holds no WAL from {record['start_segment']} on; run invoke wal-receive"
         )
     return Plan(db=db, target=target, base=base, base_record=record, segments=run, partial=partial)
+
+
+def _behind(spec: Spec, db: DatabaseSpec) -> str:
+    """What to do about a target past the archive's end: wait for the running receiver's next partial
+    snapshot, or start the receiver."""
+    import json
+
+    try:
+        state = json.loads(wal.heartbeat_path(spec, db).read_bytes())
+    except (OSError, ValueError):
+        state = {}
+    every = wal.settings(db).get("partial_snapshot_seconds") or 0
+    if state.get("mode") == "continuous" and "stopped" not in state and every:
+        return (
+            f"the running receiver stores the unfinished segment every {every:g}s (wal.partial_snapshot_seconds): "
+            "retry after the next one, pick an earlier time, or use --to-latest"
+        )
+    return (
+        f"is the receiver running? (invoke wal-receive --db {db.name}; --once catches up) pick an earlier time "
+        "or use --to-latest"
+    )
 
 
 # -- the throwaway cluster ----------------------------------------------------------------------------
@@ -238,6 +262,19 @@ def proven_until(p: Plan, cover: dict[str, Any] | None) -> str | None:
     return cover["covers_until"] if last >= needed else None
 
 
+def staged_first(p: Plan) -> tuple[list[wal.Segment], list[wal.Segment]]:
+    """The segments to stage before the replay starts, and the rest (staged only when the replay
+    needs them): for a target time, those received before it plus the first received after it
+    (it holds the target; the next commit after it stops the replay), so that a restore to early
+    in a long archive does not decode the whole archive first. Everything for --to-latest."""
+    every = [*p.segments, *([p.partial] if p.partial else [])]
+    if p.target is None:
+        return every, []
+    after = [i for i, s in enumerate(every) if s.received + timedelta(seconds=1) > p.target]
+    cut = after[0] + 2 if after else len(every)
+    return every[:cut], every[cut:]
+
+
 def build(spec: Spec, p: Plan, cluster: RecoveryCluster, archive_spec: Spec | None = None) -> dict[str, Any]:
     """Extract the base backup, stage the WAL, replay to the target and promote. Returns
     {'recovery_point': text or None, 'reached_target': bool, 'seconds': float}."""
@@ -246,13 +283,26 @@ def build(spec: Spec, p: Plan, cluster: RecoveryCluster, archive_spec: Spec | No
     cluster.sock.mkdir()
     cluster.walstage.mkdir()
     _decode_into(spec, p.base, p.base_record, Stage("tar -x", ["tar", "-x", "-f", "-", "-C", str(cluster.data)]), None)
-    for segment in p.segments:
-        _decode_into(spec, segment.path, segment.record, None, cluster.walstage / segment.name)
-    if p.partial is not None:  # a partial segment is full-size, zero-padded: replay stops at its end
-        _decode_into(spec, p.partial.path, p.partial.record, None, cluster.walstage / p.partial.name)
+    first, rest = staged_first(p)
+
+    def stage(segments: list[wal.Segment]) -> None:
+        for segment in segments:  # a partial segment is full-size, zero-padded: replay stops at its end
+            _decode_into(spec, segment.path, segment.record, None, cluster.walstage / segment.name)
+
+    stage(first)
     log.info("%s: replaying %s", p.db.name, p.describe())
     cluster.configure(p.target)
     ok, text = cluster.start()
+    if not ok and rest and NOT_REACHED in text:
+        # no commit after the target in the segments received up to it: the rest of the archive
+        # decides (recovery continues where it stopped)
+        log.info(
+            "%s: the target lies beyond the first %d segment(s); staging the other %d", p.db.name, len(first), len(rest)
+        )
+        stage(rest)
+        cluster.stop()
+        cluster.configure(p.target)
+        ok, text = cluster.start()
     reached = p.target is not None
     if not ok and p.target is not None and NOT_REACHED in text:
         # no commit after the target anywhere in the archive: the state at the target is the end
@@ -261,8 +311,7 @@ def build(spec: Spec, p: Plan, cluster: RecoveryCluster, archive_spec: Spec | No
         if not covers or datetime.fromisoformat(covers) < p.target:
             raise RunFailed(
                 f"{p.db.name}: the archive holds no commit after {p.target.isoformat()} and is known to be complete "
-                f"only up to {covers or 'an unknown time'}; run invoke wal-receive --once --db {p.db.name} and retry, "
-                "or restore --to-latest (nothing was touched)"
+                f"only up to {covers or 'an unknown time'} (nothing was touched); {_behind(spec, p.db)}"
             )
         log.info("%s: no transaction after %s in the archive; replaying to its end", p.db.name, p.target.isoformat())
         cluster.stop()

@@ -180,6 +180,8 @@ def _wal_line(block: dict[str, Any]) -> str:
     return (
         f"  wal: receiver {'running' if block['receiver_running'] else 'NOT running'}, last segment {last}, "
         f"slot {block['slot']} lag {lag}, {block['base_backups']} base backup(s)"
+        + (f", GAP: segment {block['gap']} missing" if block.get("gap") else "")
+        + (" (before the newest base backup)" if block.get("gap_before_newest_base") else "")
     )
 
 

@@ -55,6 +55,11 @@ def verify_stored(spec: Spec, file: str | None, names: list[str] | None, log: lo
         path = Path(file).expanduser()
         if not path.is_file():
             raise InputError(f"--file {file}: no such file; pass an existing backup file")
+        from lib import wal
+
+        owner = wal.archive_of(spec, path.resolve())
+        if owner is not None:  # a base backup or WAL segment of the point-in-time archive
+            return wal.verify_file(spec, owner, path.resolve(), log)
         backup = store.load(path.resolve())
         db = database_for_file(spec, path, backup.record if backup else None)
         failed = 0 if verify_one(spec, db, path.resolve(), backup, log) else 1
@@ -67,9 +72,13 @@ def verify_stored(spec: Spec, file: str | None, names: list[str] | None, log: lo
             for other in chain[:-1]:
                 failed += 0 if verify_one(spec, db, other.path, other, log) else 1
         return failed
+    from lib import wal
+
     failed = 0
     for db in spec.select(names):
         backups = store.list_backups(spec.backup_dir, db.name)
+        if wal.enabled(db):  # the point-in-time archive: base backups, WAL segments, no gap
+            failed += wal.verify_archive(spec, db, log)
         if not backups:
             log.warning("%s: no backups to verify", db.name)
         for backup in backups:

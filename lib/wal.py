@@ -36,7 +36,7 @@ from typing import Any
 
 from lib import compress, crypto, store
 from lib.config import DatabaseSpec, Spec
-from lib.engines.postgres import quote_literal
+from lib.engines.postgres import quote_ident, quote_literal
 from lib.errors import EnvironmentProblem, InputError, LockHeld, RunFailed, VerificationFailed
 from lib.exec import child_env, dying_with_tool, require_binary, tail_text
 from lib.stream import FileSink, HashSink, Stage, Tap, run_pipeline, run_tapped, sha256_file
@@ -48,6 +48,7 @@ RECORD_FORMAT = 1
 ONCE_TIMEOUT = 300
 SHIP_RETRY = 60  # seconds before a failed off-site copy of the archive is tried again
 HEARTBEAT = 10  # seconds between the receiver's heartbeat writes (status: is it running?)
+METRICS_EVERY = 60  # seconds between the running receiver's rewrites of the metrics textfile
 DEFAULTS = {
     "synchronous": False,
     "base_keep_days": 14,
@@ -191,7 +192,8 @@ SELECT (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_
        current_setting('max_replication_slots'),
        (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'),
        current_setting('server_version_num'),
-       (SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global'))
+       (SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')),
+       pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')
 """
 
 
@@ -201,6 +203,16 @@ class ServerInfo:
     segment_size: int
     version_num: int
     tablespaces: int
+    read_stats: bool = True  # can see pg_stat_replication's positions (superuser or pg_read_all_stats)
+
+
+def sql_role(name: str) -> str:
+    """The role name as an operator types it in SQL: bare when that is safe, else double-quoted."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else quote_ident(name)
+
+
+def hba_line(user: str, address: str) -> str:
+    return f"host replication {user} {address}/{128 if ':' in address else 32} scram-sha-256"
 
 
 def preflight(conn: Conn, db: DatabaseSpec) -> ServerInfo:
@@ -215,10 +227,12 @@ def preflight(conn: Conn, db: DatabaseSpec) -> ServerInfo:
             f"{db.name}: cannot connect to {conn.where} for WAL archiving: {exc}; set wal.host/wal.port "
             "(container mode: the container's published port) and check the server is up"
         ) from None
-    can_replicate, user, wal_level, senders, slots, segsize, version, spaces = row
+    can_replicate, user, wal_level, senders, slots, segsize, version, spaces, read_stats = row
     problems = []
     if can_replicate != "t":
-        problems.append(f"role {user} lacks the REPLICATION attribute (as a superuser: ALTER ROLE {user} REPLICATION;)")
+        problems.append(
+            f"role {user} lacks the REPLICATION attribute (as a superuser: ALTER ROLE {sql_role(user)} REPLICATION;)"
+        )
     if wal_level not in ("replica", "logical"):
         problems.append(f"wal_level is {wal_level} (ALTER SYSTEM SET wal_level = 'replica'; then restart the server)")
     if int(senders) < 2:
@@ -227,22 +241,27 @@ def preflight(conn: Conn, db: DatabaseSpec) -> ServerInfo:
         )
     if int(slots) < 1:
         problems.append(f"max_replication_slots is {slots} (ALTER SYSTEM SET max_replication_slots = 10; then restart)")
-    if not problems:
-        try:
-            query(conn, "IDENTIFY_SYSTEM", replication=True)
-        except EnvironmentProblem as exc:
-            text = str(exc)
-            found = re.search(r'no pg_hba\.conf entry for replication connection from host "([^"]+)"', text)
-            if found:
-                problems.append(
-                    f"pg_hba.conf has no replication line for user {user} from {found.group(1)} (add "
-                    f"'host replication {user} {found.group(1)}/32 scram-sha-256' and SELECT pg_reload_conf();)"
-                )
-            else:
-                problems.append(f"a replication connection to {conn.where} fails: {text}")
+    try:  # pg_hba.conf is consulted before anything else: its answer holds whatever else is missing
+        query(conn, "IDENTIFY_SYSTEM", replication=True)
+    except EnvironmentProblem as exc:
+        text = str(exc)
+        found = re.search(r'no pg_hba\.conf entry for replication connection from host "([^"]+)"', text)
+        if found:
+            problems.append(
+                f"pg_hba.conf has no replication line for user {user} from {found.group(1)} (add "
+                f"'{hba_line(user, found.group(1))}' and SELECT pg_reload_conf();)"
+            )
+        elif not problems:
+            problems.append(f"a replication connection to {conn.where} fails: {text}")
     if problems:
         raise InputError(f"{db.name}: the server is not ready for WAL streaming: " + "; ".join(problems))
-    return ServerInfo(user=user, segment_size=int(segsize), version_num=int(version), tablespaces=int(spaces))
+    return ServerInfo(
+        user=user,
+        segment_size=int(segsize),
+        version_num=int(version),
+        tablespaces=int(spaces),
+        read_stats=read_stats == "t",
+    )
 
 
 def ensure_slot(conn: Conn, slot: str) -> bool:
@@ -461,10 +480,14 @@ def server_position(conn: Conn) -> tuple[str, str] | None:
 
 
 def caught_up(conn: Conn, slot: str, lsn: str, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds until the receiver has written WAL up to ``lsn``."""
+    """Wait up to ``timeout`` seconds until the receiver has written WAL up to ``lsn``: its
+    write_lsn in pg_stat_replication, which PostgreSQL shows only to superusers and members of
+    pg_read_all_stats; for any other role (a plain REPLICATION role) the slot's restart_lsn, what
+    the receiver reported flushed (every write with synchronous: true, else at segment ends)."""
     sql = (
-        f"SELECT count(*) FROM pg_stat_replication WHERE application_name = {quote_literal(slot)} "  # noqa: S608
-        f"AND write_lsn >= {quote_literal(lsn)}::pg_lsn"
+        "SELECT count(*) FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "  # noqa: S608
+        f"WHERE s.slot_name = {quote_literal(slot)} "
+        f"AND coalesce(r.write_lsn, s.restart_lsn) >= {quote_literal(lsn)}::pg_lsn"
     )
     deadline = time.monotonic() + timeout
     while True:
@@ -513,6 +536,17 @@ def lsn_value(text: str) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
+def _write_metrics(spec: Spec) -> None:
+    """Rewrite the metrics textfile (when configured) so the WAL gauges stay fresh between backup
+    runs. Never stops the receiver: a failure is a warning."""
+    from lib.metrics import write_metrics
+
+    try:
+        write_metrics(spec)
+    except Exception as exc:  # noqa: BLE001 - the receiver must keep receiving
+        log.warning("could not rewrite the metrics file: %s", exc)
+
+
 def write_heartbeat(spec: Spec, db: DatabaseSpec, state: dict[str, Any]) -> None:
     store.write_atomic(heartbeat_path(spec, db), json.dumps(state, indent=1).encode())
 
@@ -556,6 +590,15 @@ def _receive(
 ) -> dict[str, Any]:
     slot = wal["slot"]
     ensure_slot(conn, slot)
+    if not info.read_stats and not (wal.get("synchronous") or once):
+        log.warning(
+            "%s: role %s cannot see the receiver's write position (pg_stat_replication) and the receiver is not "
+            "synchronous: the archive is proven complete only at segment ends, so restores to a time after the last "
+            "commit wait for one; set wal.synchronous: true or GRANT pg_read_all_stats TO %s",
+            db.name,
+            info.user,
+            sql_role(info.user),
+        )
     staging = store.ensure_dir(wal_dir(spec, db) / "staging")
     argv = [_pg_tool("pg_receivewal"), "-D", str(staging), "--slot", slot, "-d", conn.conninfo(application=slot)]
     argv += ["-n", "-w"]
@@ -585,6 +628,7 @@ def _receive(
     }
     stored: list[Segment] = []
     begun = last_snapshot = time.monotonic()
+    metrics_at = begun - METRICS_EVERY + HEARTBEAT  # first rewrite once the first heartbeat is written
     beat = -HEARTBEAT
     snapshot_every = float(wal.get("partial_snapshot_seconds") or 0)
     stopped_by: str | None = None
@@ -609,6 +653,9 @@ def _receive(
                 break  # --once: the receiver has everything written before it started
             if end is not None and time.monotonic() - begun > ONCE_TIMEOUT:
                 raise RunFailed(f"{db.name}: --once: the receiver did not reach {end} in {ONCE_TIMEOUT}s")
+            if not once and time.monotonic() - metrics_at >= METRICS_EVERY:
+                _write_metrics(spec)
+                metrics_at = time.monotonic()
             if snapshot_every and not once and time.monotonic() - last_snapshot >= snapshot_every:
                 covered_snapshot(spec, db, conn, slot, staging, info.segment_size)
                 last_snapshot = time.monotonic()
@@ -642,9 +689,19 @@ def _receive(
     state["updated"] = store.iso(store.utcnow())
     state["stopped"] = state["updated"]
     write_heartbeat(spec, db, state)
+    _write_metrics(spec)
     if spec.destinations:
         ship(spec, db)
     if proc.returncode not in (0, -signal.SIGINT) and stopped_by is None:
+        removed = re.search(r"requested WAL segment ([0-9A-F]{24}) has already been removed", message)
+        if removed:  # restarting cannot help: the server recycled WAL the archive continues from
+            stale = staging / f"{removed.group(1)}.partial"
+            raise RunFailed(
+                f"{db.name}: the server no longer has WAL segment {removed.group(1)}, where the archive continues (the "
+                f"slot {slot} was dropped, or invalidated by max_slot_wal_keep_size): those changes are lost and the "
+                f"archive gets a gap there. To go on: rm {stale} (its last snapshot is archived), start the receiver "
+                f"again, then take a base backup (invoke wal-base --db {db.name}): restores after the gap need one"
+            )
         raise RunFailed(f"{db.name}: pg_receivewal exited with status {proc.returncode}: {message or 'no message'}")
     return {"stored": [s.name for s in stored], "partial": snap.name if snap else None, "stopped_by": stopped_by}
 
@@ -854,6 +911,22 @@ def chain(
     return run, tail, gap
 
 
+def archive_gap(spec: Spec, db: DatabaseSpec, bases: list[tuple[Path, dict[str, Any]]]) -> tuple[str | None, bool]:
+    """(the first segment missing after the oldest kept base backup's start or None, whether the
+    newest base backup starts after that gap with a whole archive from there on: then only
+    restores to a time inside the gap are impossible, and the gap leaves with retention)."""
+    if not bases:
+        return None, False
+    oldest = min(bases, key=lambda b: b[1]["created"])[1]
+    gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])[2]
+    if gap is None:
+        return None, False
+    newest = max(bases, key=lambda b: b[1]["created"])[1]
+    size = newest["segment_size"]
+    later = segment_number(newest["start_segment"], size)[1] > segment_number(gap, size)[1]
+    return gap, later and chain(spec, db, newest["start_segment"], size)[2] is None
+
+
 # -- monitoring ------------------------------------------------------------------------------------------
 def _alive(state: Mapping[str, Any]) -> bool | None:
     """Whether the heartbeat's process still runs (None: another host, cannot tell)."""
@@ -875,7 +948,7 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
     wal = settings(db)
     problems: list[str] = []
     done, partial = list_segments(spec, db)
-    last = max(done, key=lambda s: s.received) if done else None
+    last = max(done, key=lambda s: (s.received, s.record["timeline"], s.number)) if done else None
     try:
         state = json.loads(heartbeat_path(spec, db).read_bytes())
     except (OSError, ValueError):
@@ -906,9 +979,19 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
             f"{wal['alert_lag_mb']:g}); is the receiver keeping up? see max_slot_wal_keep_size in docs/pitr.md"
         )
     bases = list_bases(spec, db)
+    gap = None
     if not bases:
         problems.append(f"{db.name}: no base backup for point-in-time recovery; run invoke wal-base --db {db.name}")
+    else:  # a hole in the archive after the oldest kept base: restores across it are refused
+        gap, covered = archive_gap(spec, db, bases)
+        if gap and not covered:
+            problems.append(
+                f"{db.name}: WAL segment {gap} is missing from the archive; restores to a time after it are refused: "
+                f"take a new base backup (invoke wal-base --db {db.name})"
+            )
     block = {
+        "gap": gap,
+        "gap_before_newest_base": bool(gap) and covered,
         "slot": wal["slot"],
         "segments": len(done),
         "last_segment": last.name if last else None,
@@ -916,6 +999,7 @@ def status(spec: Spec, db: DatabaseSpec, now: datetime) -> tuple[dict[str, Any],
         "seconds_since_last_segment": int((now - last.received).total_seconds()) if last else None,
         "partial_snapshot": partial.record["received"] if partial else None,
         "receiver_running": running,
+        "receiver_heartbeat": state.get("updated"),
         "receiver_heartbeat_age_seconds": beat_age,
         "slot_lag_bytes": lag,
         "base_backups": len(bases),
@@ -1006,3 +1090,182 @@ def fetch_archive(spec: Spec, db: DatabaseSpec, dest_name: str, work: Path) -> S
             if dest.list_files(f"{db.name}/{area}"):
                 dest.get_files(f"{db.name}/{area}", target)
     return replace(spec, backup_dir=work)
+
+
+# -- re-verification (invoke verify) ------------------------------------------------------------------------
+def _check_base(spec: Spec, path: Path, record: Mapping[str, Any]) -> list[str]:
+    """Decode a stored base backup again and check the tar (the same checks as when it was taken).
+    Raises VerificationFailed."""
+    from lib.backup import decode_stages
+
+    if crypto.mode(spec) == "public-key":
+        return crypto.check_structure(spec, path)
+    stages = [*decode_stages(spec, path, dict(record)), Stage("tar check", [sys.executable, "-c", TAR_CHECK])]
+    result = run_pipeline(stages, HashSink(), source=path)
+    cause = result.cause()
+    if cause is not None:
+        crypto.explain_failure(spec, cause, path)
+        raise VerificationFailed(f"{path.name} failed verification: {cause.name}: {cause.stderr or 'no message'}")
+    return (["gpg-decrypt"] if crypto.is_encrypted(path) else []) + [
+        f"{record['compression']}-integrity",
+        "tar-structure",
+    ]
+
+
+def check_stored(spec: Spec, db: DatabaseSpec, path: Path, record: Mapping[str, Any], report: logging.Logger) -> bool:
+    """Re-verify one stored base backup or WAL segment: its sha256, then decoded again (a segment
+    must match the sha256 recorded when it was received; a base backup's tar is read through).
+    Logs a problem as an error; returns False then. A file the running receiver or retention
+    removed meanwhile passes (it is not damage)."""
+    label = f"wal/{path.parent.name}/{path.name}"
+    try:
+        if sha256_file(path) != record.get("sha256"):
+            raise VerificationFailed(f"{label}: sha256 does not match its record; the file was changed or damaged")
+        if path.parent.name == "base":
+            checks = _check_base(spec, path, record)
+        else:
+            checks = _verify_written(spec, path, record.get("raw_sha256", ""), record, path.name)
+    except FileNotFoundError as exc:
+        if not path.exists():
+            return True  # replaced (partial snapshot) or pruned while we read it: not damage
+        report.error("%s: %s: %s", db.name, label, exc)
+        return False
+    except VerificationFailed as exc:
+        if not path.exists():
+            return True  # gone while we read it (a newer partial snapshot replaced it): not damage
+        text = str(exc).removeprefix(label).removeprefix(path.name).lstrip(": ")
+        report.error("%s: %s: %s", db.name, label, text)
+        return False
+    report.debug("%s: %s OK (sha256, %s)", db.name, label, ", ".join(checks))
+    return True
+
+
+def verify_file(spec: Spec, db: DatabaseSpec, path: Path, report: logging.Logger) -> int:
+    """invoke verify --file on a base backup or segment of the archive. Returns 1 when it failed."""
+    try:
+        record = json.loads(store.record_path(path).read_bytes())
+    except (OSError, ValueError):
+        raise InputError(
+            f"--file {path.name}: no readable record ({store.record_path(path).name}) next to it; restores skip it"
+        ) from None
+    if not check_stored(spec, db, path, record, report):
+        return 1
+    report.info("%s: wal/%s/%s OK", db.name, path.parent.name, path.name)
+    return 0
+
+
+def archive_of(spec: Spec, path: Path) -> DatabaseSpec | None:
+    """The database with wal enabled whose archive or base backups ``path`` lies in, else None."""
+    for db in spec.databases.values():
+        if enabled(db) and path.parent in (archive_dir(spec, db).resolve(), base_dir(spec, db).resolve()):
+            return db
+    return None
+
+
+def verify_archive(spec: Spec, db: DatabaseSpec, report: logging.Logger) -> int:
+    """Re-verify ``db``'s point-in-time archive for invoke verify: every base backup and stored WAL
+    segment (check_stored), and that the segments run without a gap from the oldest kept base
+    backup's start. Logs each problem as an error and a summary; returns the number of problems."""
+    failed = 0
+
+    bases = list_bases(spec, db)
+    for path, record in bases:
+        failed += 0 if check_stored(spec, db, path, record, report) else 1
+    done, partial = list_segments(spec, db)
+    for segment in [*done, *([partial] if partial else [])]:
+        failed += 0 if check_stored(spec, db, segment.path, segment.record, report) else 1
+    if not bases:
+        report.error("%s: no base backup for point-in-time recovery; run invoke wal-base --db %s", db.name, db.name)
+        return failed + 1
+    oldest = min(bases, key=lambda b: b[1]["created"])[1]
+    run, tail, gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])
+    if gap and archive_gap(spec, db, bases)[1]:
+        report.warning(
+            "%s: WAL segment %s is missing from the archive (%s): restores to a time between it and the newest "
+            "base backup are impossible; the newest base backup starts after it with a whole archive from there",
+            db.name,
+            gap,
+            f"a gap after {run[-1].name}" if run else "the oldest base backup starts in it",
+        )
+        oldest = max(bases, key=lambda b: b[1]["created"])[1]  # whole from the newest base on
+        run, tail, gap = chain(spec, db, oldest["start_segment"], oldest["segment_size"])
+    elif gap:
+        report.error(
+            "%s: WAL segment %s is missing from the archive (%s): restores to a time after it are refused; "
+            "take a new base backup (invoke wal-base --db %s) so that restores after it work again",
+            db.name,
+            gap,
+            f"a gap after {run[-1].name}" if run else "the oldest base backup starts in it",
+            db.name,
+        )
+        failed += 1
+    if not gap and not run and tail is None:  # not damage: the receiver has not stored it yet (status says why)
+        report.warning(
+            "%s: the archive holds no WAL from %s (where a base backup starts) on yet; is invoke wal-receive running?",
+            db.name,
+            oldest["start_segment"],
+        )
+    elif not failed:
+        end = (tail.name + " (partial)") if tail else run[-1].name
+        report.info(
+            "%s: WAL archive OK: %d base backup(s) and %d stored segment(s) verified (sha256, decoded again); "
+            "no gap from %s to %s",
+            db.name,
+            len(bases),
+            len(done) + (1 if partial else 0),
+            oldest["start_segment"],
+            end,
+        )
+    return failed
+
+
+def listing_lines(spec: Spec, db: DatabaseSpec, now: datetime) -> list[str]:
+    """invoke list: the base backups (newest first) and a summary of the stored WAL."""
+    lines = []
+    for path, record in list_bases(spec, db):
+        age = store.human_age(now - store.parse_iso(record["created"]))
+        checks = ",".join((record.get("verified") or {}).get("checks", []))
+        lines.append(
+            f"  {'wal base':<8} {path.name:<40} {store.human_size(record.get('size', 0)):>10} {age:>5} old  "
+            f"verified [{checks}]; starts at WAL segment {record.get('start_segment')}"
+        )
+    done, partial = list_segments(spec, db)
+    if done or partial:
+        size = sum(s.record.get("size", 0) for s in done) + (partial.record.get("size", 0) if partial else 0)
+        newest = max([s.received for s in done] + ([partial.received] if partial else []))
+        span = f"{done[0].name} .. {done[-1].name}" if done else "none completed"
+        lines.append(
+            f"  {'wal':<8} {len(done)} segment(s) {span}"
+            + (f" + partial snapshot {partial.name}" if partial else "")
+            + f", {store.human_size(size)}, newest {store.human_age(now - newest)} old"
+        )
+    elif enabled(db):
+        lines.append(f"  {'wal':<8} no WAL archived yet (invoke wal-receive --db {db.name})")
+    return lines
+
+
+def remote_listing_lines(dest: Any, db: DatabaseSpec) -> list[str]:
+    """invoke list --dest: the base backups and WAL segments a destination holds for ``db``."""
+    if not hasattr(dest, "list_files"):
+        return [f"  {'wal':<8} {dest.type} destinations do not hold WAL archives"]
+    bases = dest.list_files(f"{db.name}/wal/base")
+    segments = dest.list_files(f"{db.name}/wal/archive")
+    lines = [
+        f"  {'wal base':<8} {name:<40} {store.human_size(size):>10}"
+        for name, size in sorted(bases.items(), reverse=True)
+        if OURS.match(name) and not name.endswith((".json", ".sha256"))
+    ]
+    data = sorted(n for n in segments if OURS.match(n) and n[:24].isalnum() and not n.endswith(".json"))
+    done = [n for n in data if ".partial" not in n]
+    partial = [n for n in data if ".partial" in n]
+    if data:
+        size = sum(segments[n] for n in data)
+        lines.append(
+            f"  {'wal':<8} {len(done)} segment(s)"
+            + (f" {done[0][:24]} .. {done[-1][:24]}" if done else "")
+            + (f" + partial snapshot {partial[-1][:24]}" if partial else "")
+            + f", {store.human_size(size)}"
+        )
+    elif not bases:
+        lines.append(f"  {'wal':<8} no WAL archive here (invoke offsite copies it)")
+    return lines

@@ -96,33 +96,30 @@ def archive(source, tmp_path_factory):
 
 
 def test_preflight_names_what_the_server_lacks(source, tmp_path):
-    source.sql("CREATE ROLE pitr_norepl LOGIN;")
+    source.sql('CREATE ROLE "Pitr_NoRepl" LOGIN;')  # a name that needs quoting in SQL, like 3chan
     ws = make_workspace(tmp_path / "ws", source, "postgres")
     config = yaml.safe_load(ws.config.read_text())
-    config["databases"]["pg"]["user"] = "pitr_norepl"
+    config["databases"]["pg"]["user"] = "Pitr_NoRepl"
     ws.write_config(config)
-    result = ws.invoke("wal-receive", "--once")
-    assert result.returncode == 2, result.stderr
-    assert "role pitr_norepl lacks the REPLICATION attribute" in result.stderr
-    assert "ALTER ROLE pitr_norepl REPLICATION" in result.stderr
-    assert "Traceback" not in result.stderr
-    slots = source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';")
-    assert slots == "0"  # nothing started
     hba = source.data / "pg_hba.conf"
     original = hba.read_text()
-    try:  # no replication line: named, with the line to add
+    try:  # no REPLICATION attribute and no replication line: both named at once, each with its fix
         hba.write_text("".join(line for line in original.splitlines(True) if "replication" not in line))
         source.sql("SELECT pg_reload_conf();")
-        config["databases"]["pg"]["user"] = "postgres"
-        ws.write_config(config)
         result = ws.invoke("wal-receive", "--once")
     finally:
         hba.write_text(original)
         source.sql("SELECT pg_reload_conf();")
     assert result.returncode == 2, result.stderr
-    assert "pg_hba.conf has no replication line for user postgres from 127.0.0.1" in result.stderr
-    assert "'host replication postgres 127.0.0.1/32 scram-sha-256'" in result.stderr
-    assert source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';") == "0"
+    assert "role Pitr_NoRepl lacks the REPLICATION attribute" in result.stderr
+    assert 'ALTER ROLE "Pitr_NoRepl" REPLICATION;' in result.stderr
+    assert "pg_hba.conf has no replication line for user Pitr_NoRepl from 127.0.0.1" in result.stderr
+    assert "'host replication Pitr_NoRepl 127.0.0.1/32 scram-sha-256'" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    slots = source.sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lemon_backup_pg';")
+    assert slots == "0"  # nothing started
+    config["databases"]["pg"]["user"] = "postgres"
+    ws.write_config(config)
     result = ws.invoke("wal-base")
     assert result.returncode == 2 and "slot lemon_backup_pg does not exist: start invoke wal-receive" in result.stderr
     assert not list((ws.backup_dir / "pg" / "wal" / "base").glob("base_*"))
@@ -151,6 +148,10 @@ def test_restore_to_a_time_between_commits_brings_back_exactly_what_was_committe
     # no commit after this time in the archive, which provably holds everything up to it: all 30
     quiet = ok(ws.invoke("restore", "--to-time", ws.quiet, "--into", "pitr_quiet", "--yes"))
     assert count(source, "pitr_quiet") == 30, quiet.stderr
+    listed = ok(ws.invoke("list")).stdout  # invoke list shows the base backups and the archive's extent
+    assert listed.count("  wal base base_") == 2 and "  wal      4 segment(s) " in listed
+    verified = ok(ws.invoke("verify"))  # invoke verify decodes every base backup and segment again
+    assert "pg: WAL archive OK: 2 base backup(s) and " in verified.stderr and "no gap from " in verified.stderr
     drill = ok(ws.invoke("drill", "--to-latest"))
     assert "pg: OK" in drill.stdout and "30 row(s)" in drill.stdout
     last = json.loads(ws.invoke("status", "--json").stdout)["databases"]["pg"]["last_drill"]
@@ -174,8 +175,30 @@ def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(sourc
     assert result.returncode == 2, result.stderr
     assert f"WAL segment {missing} is missing from the archive" in result.stderr
     assert source.sql("SELECT count(*) FROM pg_database;") == before  # nothing created or touched
+    # invoke verify and status see the hole too; a damaged segment fails verify
+    other = next(p for p in segments if p != victim)
+    data = bytearray(other.read_bytes())
+    data[len(data) // 2] ^= 1
+    other.write_bytes(bytes(data))
+    verified = copy.invoke("verify")
+    assert verified.returncode == 1, verified.stderr
+    assert f"pg: WAL segment {missing} is missing from the archive (a gap after " in verified.stderr
+    assert f"pg: wal/archive/{other.name}: sha256 does not match its record" in verified.stderr
+    one = copy.invoke("verify", "--file", str(other))  # one file of the archive, as an operator would
+    assert one.returncode == 1 and "sha256 does not match its record" in one.stderr
+    assert "invalid record" not in one.stderr and "move the backup away" not in one.stderr
+    status = json.loads(copy.invoke("status", "--json").stdout)
+    assert status["databases"]["pg"]["wal"]["gap"] == missing
+    assert any(f"WAL segment {missing} is missing from the archive" in p for p in status["problems"])
+    assert f", GAP: segment {missing} missing" in copy.invoke("status").stdout
+    shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / other.name, other)
     future = copy.invoke("restore", "--to-time", "2999-01-01 00:00:00+00", "--into", "pitr_gap", "--yes")
     assert future.returncode == 2 and "in the future" in future.stderr
+    early = copy.invoke("restore", "--to-time", "2000-01-01 00:00:00+09:00", "--into", "pitr_gap", "--yes")
+    assert early.returncode == 2 and "no base backup finished before 2000-01-01T00:00:00+09:00" in early.stderr
+    assert "+09:00: pick a later time" in early.stderr  # the oldest base's end, in the offset asked in
+    empty = copy.invoke("restore", "--to-time", "", "--into", "pitr_gap", "--yes")
+    assert empty.returncode == 2 and "--to-time '': not a time; use e.g. " in empty.stderr
     time.sleep(1.1)
     beyond = source.sql("SELECT clock_timestamp() - interval '1 second';")  # after the last --once
     shutil.copy2(ws.backup_dir / "pg" / "wal" / "archive" / victim.name, victim)  # whole again
@@ -279,10 +302,62 @@ def test_the_archive_goes_off_site_and_a_restore_reads_it_from_there(source, arc
     ok(copy.invoke("offsite"))  # what was pruned here goes there too
     for area in ("archive", "base"):
         assert remote(area) == names(copy.backup_dir / "pg" / "wal" / area)
+    listed = ok(copy.invoke("list", "--dest", "nas")).stdout  # list --dest shows what it holds of the archive
+    stored = [
+        n for n in names(copy.backup_dir / "pg" / "wal" / "archive") if n.endswith(".gpg") and ".partial" not in n
+    ]
+    assert listed.count("  wal base base_") == 1 and f"  wal      {len(stored)} segment(s) " in listed, listed
     shutil.rmtree(copy.backup_dir / "pg" / "wal")  # the backup host lost its archive
     result = ok(copy.invoke("restore", "--to-latest", "--from", "nas", "--into", f"pitr_from_{kind}", "--yes"))
     assert "from off-site destination nas" in result.stdout
     assert count(source, f"pitr_from_{kind}") == 30
+
+
+def test_a_restore_to_early_in_a_long_archive_stages_only_the_wal_up_to_the_target(tmp_path):
+    from datetime import UTC, datetime
+
+    from lib import pitr, wal
+
+    def segment(number: int, minute: int, partial: bool = False) -> wal.Segment:
+        received = f"2026-12-01T10:{minute:02d}:00Z"
+        return wal.Segment(tmp_path / str(number), {"number": number, "received": received, "partial": partial})
+
+    segments = [segment(n, n) for n in range(10)]  # one segment a minute, 10:00 .. 10:09
+    plan = pitr.Plan(None, datetime(2026, 12, 1, 10, 2, 30, tzinfo=UTC), tmp_path, {}, segments, segment(10, 10, True))
+    first, rest = pitr.staged_first(plan)
+    # up to 10:02 received before the target, 10:03 holds it, 10:04 in case the next commit is there
+    assert [s.number for s in first] == [0, 1, 2, 3, 4] and [s.number for s in rest] == [5, 6, 7, 8, 9, 10]
+    plan.target = datetime(2026, 12, 1, 10, 30, tzinfo=UTC)  # past everything: all of it
+    assert len(pitr.staged_first(plan)[0]) == 11
+    plan.target = None  # --to-latest: all of it
+    assert pitr.staged_first(plan) == ([*segments, plan.partial], [])
+
+
+def test_a_gap_before_the_newest_base_backup_is_a_warning_not_a_failure(source, archive, tmp_path):
+    from lib import wal
+    from lib.config import load_spec
+
+    ws, _ = archive
+    copy = make_workspace(tmp_path / "ws", source, "pitr_app")
+    copy.write_config(ws.config.read_text())
+    copy.env["PITR_PASSPHRASE"] = PASSPHRASE
+    shutil.copytree(ws.backup_dir, copy.backup_dir)
+    spec = load_spec(copy.config, environ={"PITR_PASSPHRASE": PASSPHRASE})
+    db = spec.databases["pg"]
+    newest = wal.list_bases(spec, db)[0][1]
+    size = newest["segment_size"]
+    done, _ = wal.list_segments(spec, db)
+    start = wal.segment_number(newest["start_segment"], size)[1]
+    victim = [s for s in done if s.number < start][-1]  # lost before the newest base backup starts
+    wal.delete_segment(victim)
+    verified = copy.invoke("verify")
+    assert verified.returncode == 0, verified.stderr  # restores after the newest base still work
+    assert f"WAL segment {victim.name} is missing from the archive" in verified.stderr
+    assert "restores to a time between it and the newest base backup are impossible" in verified.stderr
+    status = json.loads(copy.invoke("status", "--json").stdout)
+    block = status["databases"]["pg"]["wal"]
+    assert block["gap"] == victim.name and block["gap_before_newest_base"] is True
+    assert not any("is missing from the archive" in p for p in status["problems"])
 
 
 def test_retention_keeps_every_segment_a_kept_base_needs(source, archive, tmp_path):
@@ -317,7 +392,15 @@ def test_retention_keeps_every_segment_a_kept_base_needs(source, archive, tmp_pa
 def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_commit(source, tmp_path):
     source.sql("CREATE DATABASE pitr_live;")
     source.sql("CREATE TABLE t (id int PRIMARY KEY, note text DEFAULT 'x');", "pitr_live")
-    ws = make_workspace(tmp_path / "ws", source, "pitr_live", synchronous=True, slot="lemon_backup_live")
+    # the receiver streams as a plain REPLICATION role (as docs/pitr.md sets up), not a superuser:
+    # PostgreSQL hides pg_stat_replication's positions from it
+    source.sql("CREATE ROLE pitr_streamer LOGIN REPLICATION;")
+    ws = make_workspace(
+        tmp_path / "ws", source, "pitr_live", synchronous=True, slot="lemon_backup_live", user="pitr_streamer"
+    )
+    config = yaml.safe_load(ws.config.read_text())
+    config["monitoring"] = {"prometheus_textfile": str(tmp_path / "lemon.prom")}
+    ws.write_config(config)
     ok(ws.invoke("wal-receive", "--once"))
     ok(ws.invoke("wal-base"))
 
@@ -358,15 +441,23 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
         insert(source, "pitr_live", 21, 25)
     finally:
         source.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();")
+    time.sleep(0.2)
+    quiet = source.sql("SELECT clock_timestamp();")  # after the last commit, before the receiver stops
+    time.sleep(0.2)
     receiver.send_signal(signal.SIGTERM)
     out, err = receiver.communicate(timeout=60)
     assert receiver.returncode == 0, err
     assert "stopped by SIGTERM" in out and "partial segment" in out
+    prom = (tmp_path / "lemon.prom").read_text()  # the receiver keeps the metrics fresh, and on its stop
+    assert 'lemon_backup_wal_receiver_up{database="pg"} 0' in prom
     stopped = json.loads(ws.invoke("status", "--json").stdout)
     assert stopped["databases"]["pg"]["wal"]["receiver_running"] is False
     assert any("WAL receiver is not running (stopped)" in p for p in stopped["problems"])
     result = ok(ws.invoke("restore", "--to-latest", "--into", "pitr_live_back", "--yes"))
     assert count(source, "pitr_live_back") == 25, result.stdout
+    # the clean stop proved the archive holds everything up to it: a time after the last commit restores
+    result = ok(ws.invoke("restore", "--to-time", quiet, "--into", "pitr_live_quiet", "--yes"))
+    assert count(source, "pitr_live_quiet") == 25, result.stdout
 
 
 def test_container_mode_through_the_docker_double(source, tmp_path):
@@ -426,6 +517,8 @@ def test_status_and_metrics_show_the_archive_the_receiver_and_the_slot_lag(sourc
     prom = (tmp_path / "lemon.prom").read_text()
     assert 'lemon_backup_wal_receiver_up{database="pg"} 0' in prom
     assert 'lemon_backup_wal_slot_lag_bytes{database="pg"}' in prom
+    assert 'lemon_backup_wal_receiver_heartbeat_timestamp_seconds{database="pg"} 1' in prom
+    assert 'lemon_backup_wal_last_segment_timestamp_seconds{database="pg"} 1' in prom
     ok(ws.invoke("wal-receive", "--once"))  # the archive catches up; the slot moves on
     config["databases"]["pg"]["wal"].update(alert_lag_mb=1024, alert_after_seconds=900)
     ws.write_config(config)

@@ -360,3 +360,26 @@ def test_dump_cut_inside_a_copy_block_is_named(workspace, sample_db):
     result = backup_cut_at(workspace, real_dump(sample_db.name).index(b"COPY public.users") + 3000)
     assert_one_line_error(result, 1, "the data of table public.users never ends")
     assert no_files_left(workspace)
+
+
+def test_a_role_without_createdb_is_told_the_fix_and_nothing_is_touched(workspace, sample_db):
+    make_backup(workspace, sample_db)
+    role = f"lemon_nocreatedb_{os.getpid()}"
+    psql(f'CREATE ROLE "{role}" LOGIN;')
+    try:
+        workspace.write_config(workspace.postgres_config(sample_db.name, user=role))
+        result = workspace.invoke(
+            "restore",
+            "--engine",
+            "postgres",
+            "--file",
+            "latest",
+            "--into",
+            f"{sample_db.name}_x",
+            "--yes",
+            "--no-owner",
+        )
+    finally:
+        psql(f'DROP ROLE "{role}";')
+    assert_one_line_error(result, 2, f"role {role} may not create databases", f'ALTER ROLE "{role}" CREATEDB;')
+    assert databases_like(sample_db.name) == [sample_db.name]

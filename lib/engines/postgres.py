@@ -24,7 +24,7 @@ from lib.engines.base import Engine, RestoreRequest
 from lib.engines.pgdump import unfield
 from lib.engines.pgload import LoadWatch
 from lib.engines.pgsplit import Router, Session, SqlRouter
-from lib.errors import InputError, RunFailed, StageFailed, ToolError, VerificationFailed
+from lib.errors import EnvironmentProblem, InputError, RunFailed, StageFailed, ToolError, VerificationFailed
 from lib.exec import Place
 from lib.store import utcnow
 from lib.stream import Background, PipelineResult, Stage, TailSink, Tap, run_pipeline, run_tapped
@@ -241,13 +241,22 @@ class Postgres(Engine):
         self._check_roles(request, props)  # before anything is touched
         options = f" {pgdatabase.create_options(props, request.no_owner)}" if props else ""
         log.info("restoring into temporary database %s", temp)
-        self.psql(
-            db,
-            place,
-            maint,
-            f"CREATE DATABASE {quote_ident(temp)} TEMPLATE template0{options};",
-            "psql (create database)",
-        )
+        try:
+            self.psql(
+                db,
+                place,
+                maint,
+                f"CREATE DATABASE {quote_ident(temp)} TEMPLATE template0{options};",
+                "psql (create database)",
+            )
+        except StageFailed as exc:
+            if "permission denied to create database" not in str(exc):
+                raise
+            who = db.user or "the connecting role"
+            raise EnvironmentProblem(
+                f"role {who} may not create databases, and a restore loads into a new scratch database first: "
+                f"as a superuser, ALTER ROLE {quote_ident(who) if db.user else who} CREATEDB; (nothing was touched)"
+            ) from None
         started = time.monotonic()
         try:
             watch = self._load(request, temp)
