@@ -25,6 +25,7 @@ from typing import Any
 from lib import store, wal
 from lib.backup import decode_stages, run_backup
 from lib.config import DatabaseSpec, Spec
+from lib.engines import get_engine
 from lib.errors import InputError, RunFailed, VerificationFailed
 from lib.localpg import _free_port, _pg_bin
 from lib.stream import HashSink, Stage, run_pipeline, sha256_file
@@ -401,6 +402,12 @@ def _restore_from(
 
     p = plan(archive, db, target)
     decode_stages(spec, p.base, p.base_record)  # a missing passphrase is refused here, before any work
+    # the restore's last step creates a scratch database: a role that may not is refused now, not
+    # after the whole replay
+    engine = get_engine("postgres")
+    place = engine.place(db, spec.env)
+    engine.preflight(db, place)
+    engine.check_can_restore(db, place)
     where = into or db.database
     if confirm is not None and not confirm(
         f"Restore '{where}' to {target.isoformat() if target else 'the latest point'} ({p.describe()})?"

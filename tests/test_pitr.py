@@ -158,6 +158,28 @@ def test_restore_to_a_time_between_commits_brings_back_exactly_what_was_committe
     assert last["ok"] is True and last["source"] == "wal (to latest)" and last["rows"] == 30
 
 
+def test_a_role_that_may_not_create_databases_is_refused_before_the_replay(source, archive):
+    """The restore's last step creates a scratch database: a role without CREATEDB is told the fix
+    at once, not after decoding and replaying the archive."""
+    ws, target = archive
+    source.sql('CREATE ROLE "Pitr_NoCreatedb" LOGIN REPLICATION;')
+    config = yaml.safe_load(ws.config.read_text())
+    try:
+        config["databases"]["pg"]["user"] = "Pitr_NoCreatedb"
+        ws.write_config(config)
+        started = time.monotonic()
+        result = ws.invoke("restore", "--to-time", target, "--into", "pitr_nocreatedb", "--yes")
+        took = time.monotonic() - started
+    finally:
+        config["databases"]["pg"]["user"] = "postgres"
+        ws.write_config(config)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "role Pitr_NoCreatedb may not create databases" in result.stderr
+    assert 'ALTER ROLE "Pitr_NoCreatedb" CREATEDB;' in result.stderr
+    assert "replaying" not in result.stdout + result.stderr, took  # refused before any replay
+    assert source.sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'pitr_nocreatedb%';") == "0"
+
+
 def test_a_missing_segment_is_a_gap_restore_names_before_touching_anything(source, archive, tmp_path):
     ws, target = archive
     copy = make_workspace(tmp_path / "ws", source, "pitr_app")

@@ -252,11 +252,7 @@ class Postgres(Engine):
         except StageFailed as exc:
             if "permission denied to create database" not in str(exc):
                 raise
-            who = db.user or "the connecting role"
-            raise EnvironmentProblem(
-                f"role {who} may not create databases, and a restore loads into a new scratch database first: "
-                f"as a superuser, ALTER ROLE {quote_ident(who) if db.user else who} CREATEDB; (nothing was touched)"
-            ) from None
+            raise self._no_createdb(db) from None
         started = time.monotonic()
         try:
             watch = self._load(request, temp)
@@ -292,6 +288,23 @@ class Postgres(Engine):
             "rows": sum(counts.values()),
             "seconds": round(seconds, 3),
         }
+
+    @staticmethod
+    def _no_createdb(db: DatabaseSpec) -> EnvironmentProblem:
+        who = db.user or "the connecting role"
+        return EnvironmentProblem(
+            f"role {who} may not create databases, and a restore loads into a new scratch database first: "
+            f"as a superuser, ALTER ROLE {quote_ident(who) if db.user else who} CREATEDB; (nothing was touched)"
+        )
+
+    def check_can_restore(self, db: DatabaseSpec, place: Place) -> None:
+        """Before work that comes ahead of a restore (a point-in-time replay): the connecting role
+        may create databases (the scratch database), else the EnvironmentProblem the restore would
+        end in. Raises StageFailed when the server cannot be asked."""
+        maint = db.options.get("maintenance_database", "postgres")
+        sql = "SELECT rolcreatedb OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user;"
+        if self.psql(db, place, maint, sql, "psql (look up the role)").strip() != "t":
+            raise self._no_createdb(db)
 
     def _check_roles(self, request: RestoreRequest, props: Mapping[str, Any] | None) -> None:
         """Roles the backup needs (object owners, grantees, the database's owner and settings) that
