@@ -400,6 +400,10 @@ def _restore_from(
     """restore_to_point reading the archive through ``archive`` (a Spec whose backup_dir holds it)."""
     from lib.restore import restore
 
+    # a receiver running here stores what it has received now, so a restore to the latest point or
+    # a recent time is not up to partial_snapshot_seconds short (or refused as beyond the archive)
+    if archive is spec and wal.request_snapshot(spec, db):
+        log.info("%s: the running receiver stored its unfinished segment for this restore", db.name)
     p = plan(archive, db, target)
     decode_stages(spec, p.base, p.base_record)  # a missing passphrase is refused here, before any work
     # the restore's last step creates a scratch database: a role that may not is refused now, not
@@ -457,6 +461,8 @@ def drill_to_latest(spec: Spec, db: DatabaseSpec) -> dict[str, Any]:
         "server": "local",
     }
     try:
+        if wal.request_snapshot(spec, db):  # the newest WAL a running receiver holds, too
+            log.info("%s: the running receiver stored its unfinished segment for this drill", db.name)
         p = plan(spec, db, None)
         result["file"] = p.base.name
         with workdir(db) as root:

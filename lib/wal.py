@@ -511,6 +511,32 @@ def covered_snapshot(spec: Spec, db: DatabaseSpec, conn: Conn, slot: str, stagin
         record_coverage(spec, db, position)
 
 
+def snapshot_request_path(spec: Spec, db: DatabaseSpec) -> Path:
+    return wal_dir(spec, db) / "snapshot.request"
+
+
+def request_snapshot(spec: Spec, db: DatabaseSpec, timeout: float = 30.0) -> bool:
+    """Ask the receiver running on this host for a snapshot of its unfinished segment now (a
+    restore to the latest point or to a recent time), and wait up to ``timeout`` seconds until it
+    is stored. False (and no request left behind) when no receiver runs here or it did not answer
+    in time: the restore then uses what the archive holds, as before."""
+    try:
+        state = json.loads(heartbeat_path(spec, db).read_bytes())
+    except (OSError, ValueError):
+        return False
+    if state.get("mode") != "continuous" or "stopped" in state or _alive(state) is not True:
+        return False
+    request = snapshot_request_path(spec, db)
+    store.write_atomic(request, store.iso(store.utcnow()).encode())
+    deadline = time.monotonic() + timeout
+    while request.exists():
+        if time.monotonic() >= deadline:
+            request.unlink(missing_ok=True)
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def coverage_path(spec: Spec, db: DatabaseSpec) -> Path:
     return archive_dir(spec, db) / "coverage.json"  # in the archive: it goes off-site with it
 
@@ -656,7 +682,12 @@ def _receive(
             if not once and time.monotonic() - metrics_at >= METRICS_EVERY:
                 _write_metrics(spec)
                 metrics_at = time.monotonic()
-            if snapshot_every and not once and time.monotonic() - last_snapshot >= snapshot_every:
+            asked = snapshot_request_path(spec, db)
+            if not once and asked.exists():  # a restore wants the newest WAL now (request_snapshot)
+                covered_snapshot(spec, db, conn, slot, staging, info.segment_size)
+                last_snapshot = time.monotonic()
+                asked.unlink(missing_ok=True)  # after the snapshot: the waiter reads it as done
+            elif snapshot_every and not once and time.monotonic() - last_snapshot >= snapshot_every:
                 covered_snapshot(spec, db, conn, slot, staging, info.segment_size)
                 last_snapshot = time.monotonic()
             time.sleep(min(poll, 0.2) if once else poll)

@@ -463,6 +463,12 @@ def test_receiver_killed_and_restarted_continues_without_a_gap_and_loses_no_comm
         insert(source, "pitr_live", 21, 25)
     finally:
         source.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();")
+    # while it runs (no periodic snapshots here): a restore to the latest point asks it to store its
+    # unfinished segment first, so it is not short of the commits since the last completed segment
+    result = ok(ws.invoke("restore", "--to-latest", "--into", "pitr_live_running", "--yes"))
+    assert count(source, "pitr_live_running") == 25, result.stdout
+    assert "stored its unfinished segment for this restore" in result.stdout + result.stderr
+    assert not (ws.backup_dir / "pg" / "wal" / "snapshot.request").exists()
     time.sleep(0.2)
     quiet = source.sql("SELECT clock_timestamp();")  # after the last commit, before the receiver stops
     time.sleep(0.2)
