@@ -39,12 +39,16 @@ class Cluster:
 
     superuser = "postgres"  # the role initdb creates (-U) and the tool connects as
 
-    def __init__(self, root: Path, listen: str = "", initdb_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, listen: str = "", initdb_args: tuple[str, ...] = (), settings: tuple[str, ...] = ()
+    ) -> None:
         """``listen``: listen_addresses (default none: the socket only); ``initdb_args``: extra
-        initdb flags (e.g. --wal-segsize=1 for a test source of WAL)."""
+        initdb flags (e.g. --wal-segsize=1 for a test source of WAL); ``settings``: server settings
+        as 'name=value' (e.g. wal_level=minimal)."""
         self.root = root
         self.listen = listen
         self.initdb_args = initdb_args
+        self.settings = settings
         self.data = root / "pgdata"
         self.sock = root / "sock"
         self.port = _free_port()
@@ -79,6 +83,7 @@ class Cluster:
             ]
         )
         options = f"-p {self.port} -k {self.sock} -c listen_addresses='{self.listen}' -c fsync=off"
+        options += "".join(f" -c {setting}" for setting in self.settings)
         self._run(
             [_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l", str(self.root / "server.log"), "start"]
         )

@@ -129,6 +129,30 @@ def test_preflight_names_what_the_server_lacks(source, tmp_path):
     assert result.returncode == 2 and "has 'wal: {enabled: true}'; add it" in result.stderr
 
 
+def test_preflight_names_the_settings_that_need_a_server_restart(tmp_path):
+    """A server as initdb leaves it with WAL for itself only: each setting named with its fix, at once."""
+    root = Path(tempfile.mkdtemp(prefix="lemon-pitr-minimal-", dir="/tmp"))
+    settings = ("wal_level=minimal", "max_wal_senders=0", "max_replication_slots=0")
+    cluster = Cluster(root, listen="127.0.0.1", settings=settings)
+    try:
+        cluster.start()
+        ws = make_workspace(tmp_path / "ws", cluster, "postgres")
+        result = ws.invoke("wal-receive", "--once")
+        slots = cluster.sql("SELECT count(*) FROM pg_replication_slots;")
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert result.returncode == 2, result.stdout + result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "the server is not ready for WAL streaming" in err
+    assert "wal_level is minimal (ALTER SYSTEM SET wal_level = 'replica'; then restart the server)" in err
+    assert "max_wal_senders is 0; the receiver and a base backup need 2" in err
+    assert "max_replication_slots is 0 (ALTER SYSTEM SET max_replication_slots = 10; then restart)" in err
+    assert "REPLICATION attribute" not in err and "pg_hba.conf" not in err  # only what is missing
+    assert slots == "0"  # nothing was started
+
+
 def test_restore_to_a_time_between_commits_brings_back_exactly_what_was_committed(source, archive):
     ws, target = archive
     stored = sorted((ws.backup_dir / "pg" / "wal" / "archive").iterdir())
