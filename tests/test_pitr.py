@@ -153,6 +153,32 @@ def test_preflight_names_the_settings_that_need_a_server_restart(tmp_path):
     assert slots == "0"  # nothing was started
 
 
+def test_a_lost_slot_is_one_line_with_the_way_back(tmp_path):
+    """The slot dropped and the server's WAL recycled: the receiver cannot continue the archive;
+    it says so in one line with the steps, instead of pg_receivewal's raw error."""
+    root = Path(tempfile.mkdtemp(prefix="lemon-pitr-lost-", dir="/tmp"))
+    cluster = Cluster(root, listen="127.0.0.1", initdb_args=("--wal-segsize=1",), settings=("min_wal_size=2MB",))
+    try:
+        cluster.start()
+        ws = make_workspace(tmp_path / "ws", cluster, "postgres")
+        ok(ws.invoke("wal-receive", "--once"))
+        cluster.sql("SELECT pg_drop_replication_slot('lemon_backup_pg');")
+        cluster.sql("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 30000) g;")
+        for _ in range(3):
+            cluster.sql("SELECT pg_switch_wal(); CHECKPOINT;")
+        result = ws.invoke("wal-receive", "--once")
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    failed = [line for line in result.stderr.splitlines() if "FAILED" in line or "ERROR" in line]
+    assert len(failed) == 1, result.stderr  # the log's INFO lines, then one line of failure
+    err = failed[0]
+    assert "the server no longer has WAL segment" in err and "(the slot lemon_backup_pg was dropped" in err
+    assert "start the receiver again, then take a base backup (invoke wal-base --db pg)" in err
+
+
 def test_restore_to_a_time_between_commits_brings_back_exactly_what_was_committed(source, archive):
     ws, target = archive
     stored = sorted((ws.backup_dir / "pg" / "wal" / "archive").iterdir())
