@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,28 +30,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from s3server import moto_process  # noqa: E402
+
 CREDS = {"BENCH_KEY": "bench-key", "BENCH_SECRET": "bench-secret"}
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
 
 
 def client(url: str):
@@ -129,7 +112,7 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str], watch: str | None = N
 
 def main(argv: list[str]) -> int:
     mib = int(argv[1]) if len(argv) > 1 else 256
-    proc, url = server()
+    proc, url = moto_process()
     work = Path(tempfile.mkdtemp(prefix="lemon-bench-buckets-"))
     try:
         s3 = client(url)

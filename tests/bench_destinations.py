@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+from s3server import moto_process  # noqa: E402
 from sshd import SshServer  # noqa: E402
 from test_destinations import block, make_backup, write_spec  # noqa: E402
 
@@ -52,28 +52,6 @@ print(json.dumps({"before": before, "after": after, "seconds": info["seconds"], 
 """
 
 
-def s3_server() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server in its own process (its memory is not the tool's)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
-
-
 def s3_block(url: str, bucket: str) -> dict:
     return {
         "name": "cloud",
@@ -94,7 +72,7 @@ def s3_bench(base: Path, backup, mb: float, local: float) -> None:
 
     from lib.config import load_spec
 
-    proc, url = s3_server()
+    proc, url = moto_process()  # its memory is not the tool's
     try:
         client = boto3.client(
             "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"

@@ -8,6 +8,11 @@ process), so a test can look at what an interrupted upload left behind."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import boto3
@@ -16,6 +21,28 @@ from moto.server import ThreadedMotoServer
 from sshd import free_port
 
 ACCESS_KEY, SECRET_KEY = "AKIATESTSERVERONLY00", "test-server-secret-not-the-tools"
+
+
+def moto_process(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in a process of its own (its memory is not the caller's; ``env`` adds
+    settings, e.g. INITIAL_NO_AUTH_ACTION_COUNT=0 to check credentials): (process, url) once it
+    accepts connections. Raises RuntimeError when it does not start within 20 s."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
 
 
 class S3Server:

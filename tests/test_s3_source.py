@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, with_fixed_tier
-from s3server import S3Server
+from s3server import S3Server, moto_process
 from sshd import free_port
 
 from lib import store
@@ -460,22 +458,8 @@ def test_restore_refuses_a_bad_or_foreign_target_bucket_before_anything(workspac
 def s3_with_auth():
     """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0: every key is
     unknown to it), in its own process: the module's server accepts any key."""
-    port = free_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
+    proc, url = moto_process({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield url
     proc.terminate()
     proc.wait(timeout=10)
 
