@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -140,8 +142,11 @@ def sample_db(scratch_db):
 
 def tool_faketime(moment: str) -> dict[str, str]:
     """Environment that makes the tool (and only the tool: not pytest, not the test servers) see
-    ``moment`` as the current date and time, through libfaketime. Used to check that the suite
-    passes whatever the date: TEST_TOOL_FAKETIME='2026-11-01 03:00:00' (a Sunday and the 1st).
+    the date and time ``moment`` now, its clock running on from there, through libfaketime. Used to
+    check that the suite passes whatever the date: TEST_TOOL_FAKETIME='2026-11-01 03:00:00' (a
+    Sunday and the 1st). The offset is fixed when the workspace is made, so the tool's runs in one
+    test see the clock advance between them (an absolute '@moment' would start every process at
+    the same second, and two restores in a row would name the same *_pre_restore_<time> database).
     Running pytest itself under faketime does not work on these machines: libfaketime makes
     Python's timed waits hang (threading.Event.wait(0.3) never returns) or fail (time.sleep:
     EINVAL with FAKETIME_DONT_FAKE_MONOTONIC), in the tests' own threads and in sshd. Tests that
@@ -149,7 +154,8 @@ def tool_faketime(moment: str) -> dict[str, str]:
     lib = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
     if not lib.exists():
         raise pytest.UsageError("TEST_TOOL_FAKETIME needs libfaketime: apt-get install faketime")
-    return {"LD_PRELOAD": str(lib), "FAKETIME": f"@{moment}"}
+    offset = int(datetime.strptime(moment, "%Y-%m-%d %H:%M:%S").timestamp() - time.time())
+    return {"LD_PRELOAD": str(lib), "FAKETIME": f"{offset:+d}"}
 
 
 def with_fixed_tier(args) -> list[str]:
